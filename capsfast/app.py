@@ -1,0 +1,248 @@
+"""Draw-a-digit browser app (Gradio, the optional `app` extra: pip install capsfast[app]).
+
+Draw with the mouse (or upload a picture), see the prediction, the ten capsule lengths as bars,
+the 28x28 input the model saw, the reconstruction from the predicted capsule, and sixteen sliders
+that move that capsule's dimensions and redraw the reconstruction live.
+
+gradio is imported inside `build_app` / `main` only; analytics are off and no share link is ever
+made, so the app runs offline (e.g. on a GPU box reached through `ssh -L PORT:localhost:PORT`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+from capsfast.infer import ImageError, choose_device, load_image, preprocess_array, to_uint8
+
+DELTA_RANGE = 0.25  # slider range, as in the capsule-dimension figure
+DISPLAY = 8  # 28x28 images are shown at 8x (224 px), nearest neighbour
+RECON_ID, PRED_ID = "reconstruction", "prediction"
+
+__all__ = ["AppModel", "build_app", "main"]
+
+
+def _upscale(image: torch.Tensor):
+    """float [1, 28, 28] -> uint8 numpy [224, 224] for display."""
+    arr = to_uint8(image.reshape(image.shape[-2:]))
+    return arr.repeat_interleave(DISPLAY, 0).repeat_interleave(DISPLAY, 1).numpy()
+
+
+class AppModel:
+    """The app's logic without any gradio: predict a drawing, decode a moved capsule."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.num_classes = model.config.num_classes
+        self.dim = model.config.digit_dim
+
+    @torch.no_grad()
+    def analyse(self, picture) -> dict:
+        """picture: array / PIL image / sketchpad value -> prediction dict (raises ImageError)."""
+        x = preprocess_array(load_image(_picture(picture)))
+        out = self.model(x.unsqueeze(0).to(self.device))
+        lengths = out.lengths[0].float().cpu()
+        label = int(lengths.argmax())
+        return {
+            "label": label,
+            "lengths": [float(v) for v in lengths],
+            "pose": [float(v) for v in out.poses[0, label].float().cpu()],
+            "input": x,
+            "reconstruction": out.reconstructions[0].float().cpu(),
+        }
+
+    @torch.no_grad()
+    def decode(self, label: int, pose: list[float], deltas: list[float]) -> torch.Tensor:
+        """Reconstruct [1, 28, 28] from capsule `label` with `pose` + `deltas`, others zero."""
+        poses = torch.zeros(1, self.num_classes, self.dim, device=self.device)
+        poses[0, label] = torch.tensor(pose, device=self.device) + torch.tensor(
+            [float(d) for d in deltas], device=self.device
+        )
+        labels = torch.tensor([label], device=self.device)
+        return self.model.decode(poses, labels)[0].float().cpu()
+
+
+def _picture(value):
+    """A gradio Sketchpad/ImageEditor value is a dict; its `composite` is the drawing."""
+    if isinstance(value, dict):
+        value = value.get("composite", value.get("image"))
+    if value is None:
+        raise ImageError("nothing drawn yet")
+    return value
+
+
+def _kwargs(fn, **kwargs) -> dict:
+    """The keyword arguments `fn` accepts (gradio's signatures differ between 4, 5 and 6)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def build_app(model: torch.nn.Module):
+    """The gradio Blocks of the app around a loaded model (not launched)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    logic = AppModel(model)
+    blank = _upscale(torch.zeros(1, 28, 28))
+    with gr.Blocks(**_kwargs(gr.Blocks.__init__, title="capsfast: draw a digit")) as demo:
+        gr.Markdown(
+            "## capsfast: draw a digit\nPick the brush, draw one digit with the mouse (or upload a "
+            "picture). "
+            "The sliders move the predicted capsule's 16 dimensions and redraw the reconstruction."
+        )
+        state = gr.State(None)  # {"label": int, "pose": [16 floats]}
+        with gr.Row():
+            with gr.Column():
+                with gr.Tab("Draw"):
+                    brush = gr.Brush(default_size=24, colors=["#000000"], color_mode="fixed")
+                    sketch = gr.Sketchpad(
+                        label="draw here",
+                        type="numpy",
+                        image_mode="RGBA",
+                        elem_id="sketchpad",
+                        **_kwargs(
+                            gr.Sketchpad.__init__, brush=brush, canvas_size=(400, 400), layers=False
+                        ),
+                    )
+                with gr.Tab("Upload"):
+                    upload = gr.Image(
+                        label="picture of a digit",
+                        type="numpy",
+                        image_mode="RGBA",
+                        sources=["upload"],
+                        elem_id="upload",
+                        height=320,
+                    )
+            with gr.Column():
+                prediction = gr.Markdown("**Prediction:** draw a digit", elem_id=PRED_ID)
+                bars = gr.Label(
+                    label="capsule lengths |v_j|", num_top_classes=logic.num_classes, elem_id="bars"
+                )
+                with gr.Row():
+                    seen = gr.Image(
+                        value=blank,
+                        label="what the model sees (28x28)",
+                        interactive=False,
+                        **_kwargs(gr.Image.__init__, format="png"),
+                    )
+                    recon = gr.Image(
+                        value=blank,
+                        label="reconstruction",
+                        interactive=False,
+                        elem_id=RECON_ID,
+                        **_kwargs(gr.Image.__init__, format="png"),
+                    )
+            with gr.Column():
+                gr.Markdown("**Capsule dimensions** (added to the predicted capsule)")
+                sliders = [
+                    gr.Slider(
+                        -DELTA_RANGE,
+                        DELTA_RANGE,
+                        value=0.0,
+                        step=0.01,
+                        label=f"dim {d}",
+                        elem_id=f"dim{d}",
+                    )
+                    for d in range(logic.dim)
+                ]
+
+        def on_picture(picture):
+            zeros = [0.0] * logic.dim
+            try:
+                r = logic.analyse(picture)
+            except ImageError as e:
+                return ["**Prediction:** none (" + str(e) + ")", None, blank, blank, None, *zeros]
+            label, lengths = r["label"], r["lengths"]
+            text = f"**Prediction: {label}** (capsule length {lengths[label]:.3f})"
+            bars_value = {str(k): v for k, v in enumerate(lengths)}
+            new_state = {"label": label, "pose": r["pose"]}
+            return [
+                text,
+                bars_value,
+                _upscale(r["input"]),
+                _upscale(r["reconstruction"]),
+                new_state,
+                *zeros,
+            ]
+
+        def on_slider(current, *deltas):
+            if current is None:
+                return blank
+            return _upscale(logic.decode(current["label"], current["pose"], list(deltas)))
+
+        outputs = [prediction, bars, seen, recon, state, *sliders]
+        for component in (sketch, upload):
+            component.change(
+                on_picture, inputs=component, outputs=outputs, trigger_mode="always_last"
+            )
+        for s in sliders:
+            s.input(on_slider, inputs=[state, *sliders], outputs=recon, trigger_mode="always_last")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python launch/app.py MODEL [--port P] [--host H] [--device D]`: serve the app locally."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="exported model directory (model.safetensors + config.json)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all; default local)"
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--routing", default="auto")
+    args = parser.parse_args(argv)
+
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print(
+            "app: error: gradio is not installed; install the app extra: "
+            "pip install 'capsfast[app]' (or pip install 'gradio>=4')",
+            file=sys.stderr,
+        )
+        return 2
+    from capsfast.export import load_model
+
+    try:
+        model = load_model(
+            Path(args.model), device=choose_device(args.device), routing=args.routing
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"app: error: cannot load model: {e}", file=sys.stderr)
+        return 2
+    demo = build_app(model)
+    launch = _kwargs(
+        demo.launch,
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        prevent_thread_lock=True,
+        quiet=True,
+        inbrowser=False,
+        ssr_mode=False,
+        show_api=False,
+        mcp_server=False,
+        pwa=False,
+    )
+    _, local_url, _ = demo.launch(**launch)
+    print(f"capsfast app running at: {local_url}", flush=True)
+    print(
+        f"  on a remote machine: ssh -L {args.port}:localhost:{args.port} HOST, then open "
+        f"http://localhost:{args.port}/ here; Ctrl-C stops it",
+        flush=True,
+    )
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return 0

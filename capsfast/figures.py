@@ -1,0 +1,329 @@
+"""Figures of a trained model, as PNG: training curves, reconstructions, the capsule-dimension
+perturbation figure (paper, fig. 4), the confusion matrix and the most confidently wrong digits.
+
+Each figure has a function that computes its data (tensors, testable) and one that draws it.
+matplotlib (Agg) is imported inside the drawing functions only, so `import capsfast` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from capsfast.infer import Prediction, predict, unwrap
+
+DELTAS = tuple(round(-0.25 + 0.05 * i, 2) for i in range(11))  # -0.25 .. 0.25 step 0.05
+DPI = 100
+
+__all__ = [
+    "DELTAS",
+    "as_float_images",
+    "confusion_matrix",
+    "most_confident_wrong",
+    "perturb_capsule",
+    "plot_curves",
+    "save_figures",
+    "tile",
+]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def as_float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,28,28] / [N,1,28,28] or float in [0, 1] -> float [N, 1, 28, 28] on the CPU."""
+    x = images.detach().cpu()
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def tile(images: torch.Tensor, ncols: int, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """[N, (1,) H, W] -> one [rows*(H+pad)+pad, ncols*(W+pad)+pad] image, row-major."""
+    x = images.detach().float().cpu()
+    if x.dim() == 4:
+        x = x[:, 0]
+    n, h, w = x.shape
+    rows = max(1, math.ceil(n / ncols))
+    out = torch.full((rows * (h + pad) + pad, ncols * (w + pad) + pad), pad_value)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
+        out[y0 : y0 + h, x0 : x0 + w] = x[i]
+    return out
+
+
+@torch.no_grad()
+def perturb_capsule(
+    model: torch.nn.Module, image: torch.Tensor, deltas=DELTAS
+) -> tuple[torch.Tensor, int]:
+    """Decode the predicted capsule with each dimension moved by each delta.
+
+    image [1, 28, 28] (or [28, 28]) -> (reconstructions [D, len(deltas), 28, 28], predicted
+    class). Row d moves dimension d alone; the other dimensions keep their values.
+    """
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    try:
+        device = next(net.parameters()).device
+        x = as_float_images(image.reshape(1, 1, *image.shape[-2:])).to(device)
+        poses = net.encode(x).float()  # [1, J, D]
+        label = int(poses.norm(dim=-1).argmax(1))
+        J, D = poses.shape[1:]
+        d = torch.tensor(deltas, dtype=poses.dtype, device=device)
+        batch = poses.repeat(D * len(deltas), 1, 1).view(D, len(deltas), J, D)
+        batch[torch.arange(D), :, label, torch.arange(D)] += d  # row k: dim k += deltas
+        labels = torch.full((D * len(deltas),), label, device=device)
+        recon = net.decode(batch.view(-1, J, D), labels).float()
+    finally:
+        net.train(was_training)
+    return recon.view(D, len(deltas), *recon.shape[-2:]).cpu(), label
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int = 10):
+    """[num_classes, num_classes] int64 counts; row = true class, column = predicted."""
+    idx = labels.long().cpu() * num_classes + predicted.long().cpu()
+    return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def most_confident_wrong(pred: Prediction, labels: torch.Tensor, k: int = 16) -> torch.Tensor:
+    """Indices of up to k misclassified images, the longest predicted capsule first."""
+    labels = labels.cpu()
+    wrong = torch.nonzero(pred.labels != labels).flatten()
+    confidence = pred.lengths[wrong, pred.labels[wrong]]
+    return wrong[confidence.argsort(descending=True)[:k]]
+
+
+# --- drawing -----------------------------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the PNG is exactly figsize * DPI
+    _pyplot().close(fig)
+    return path
+
+
+def plot_curves(records: list[dict], path: str | Path) -> Path:
+    """Loss, accuracy and learning rate per epoch; keys left out or None are skipped."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [
+        (axes[0], ("train_loss", "margin_loss", "recon_loss"), "loss", True),
+        (axes[1], ("train_accuracy", "val_accuracy"), "accuracy", False),
+        (axes[2], ("lr",), "learning rate", True),
+    ]
+    for ax, keys, title, log in panels:
+        drawn = False
+        for key in keys:
+            pts = [
+                (r["epoch"], r[key])
+                for r in records
+                if r.get(key) is not None and r.get("epoch") is not None
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, label=key)
+                drawn = True
+        if drawn:
+            if log and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+                ax.set_yscale("log")
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_reconstructions(images, recons, labels, pred_labels, path, ncols=10) -> Path:
+    plt = _pyplot()
+    n = images.shape[0]
+    rows = math.ceil(n / ncols)
+    # Each row of digits is followed by the row of their reconstructions.
+    pairs = []
+    for r in range(rows):
+        chunk = slice(r * ncols, min(n, (r + 1) * ncols))
+        pairs.append(
+            torch.cat([images[chunk], torch.zeros(ncols - images[chunk].shape[0], 1, 28, 28)])
+        )
+        pairs.append(
+            torch.cat([recons[chunk], torch.zeros(ncols - recons[chunk].shape[0], 1, 28, 28)])
+        )
+    grid = tile(torch.cat(pairs), ncols)
+    fig = plt.figure(figsize=(ncols * 0.9 + 1, rows * 1.8 + 0.8))
+    ax = fig.add_axes([0.02, 0.02, 0.96, 0.96 - 0.6 / (rows * 1.8 + 0.8)])
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ok = int((pred_labels == labels).sum())
+    ax.set_title(f"test digits (odd rows) and reconstructions (even rows): {ok}/{n} correct")
+    return _save(fig, path)
+
+
+def _plot_perturbation(recon: torch.Tensor, label: int, path, deltas=DELTAS) -> Path:
+    plt = _pyplot()
+    D, S = recon.shape[:2]
+    grid = tile(recon.reshape(D * S, *recon.shape[-2:]), S)
+    fig = plt.figure(figsize=(S * 0.55 + 1.2, D * 0.55 + 1.0))
+    ax = fig.add_axes([0.1, 0.02, 0.88, 0.9])
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    step = recon.shape[-1] + 2
+    ax.set_xticks([2 + step * i + 14 for i in range(S)], [f"{d:+.2f}" for d in deltas], fontsize=7)
+    ax.set_yticks([2 + step * i + 14 for i in range(D)], [f"dim {i}" for i in range(D)], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    fig.suptitle(f"capsule {label}: each dimension moved by -0.25..+0.25", fontsize=9, y=0.995)
+    return _save(fig, path)
+
+
+def _plot_confusion(cm: torch.Tensor, path) -> Path:
+    plt = _pyplot()
+    k = cm.shape[0]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(cm.numpy(), cmap="Blues")
+    fig.colorbar(im, ax=ax)
+    vmax = int(cm.max()) if cm.numel() else 0
+    for i in range(k):
+        for j in range(k):
+            v = int(cm[i, j])
+            if v:
+                color = "white" if v > vmax / 2 else "black"
+                ax.text(j, i, str(v), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    total = int(cm.sum())
+    acc = float(cm.diag().sum()) / max(1, total)
+    ax.set_title(f"confusion matrix: {total} test digits, accuracy {acc:.2%}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_wrong(images, recons, labels, pred: Prediction, idx, path, ncols=8) -> Path:
+    plt = _pyplot()
+    n = len(idx)
+    rows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(rows, ncols, figsize=(ncols * 1.6, rows * 1.9 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, idx.tolist(), strict=False):
+        # The digit and, beside it, what the model's chosen capsule decodes to.
+        pair = torch.cat([images[i, 0], torch.ones(28, 2), recons[i, 0]], dim=1)
+        ax.imshow(pair.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        p = int(pred.labels[i])
+        ax.set_title(
+            f"true {int(labels[i])} pred {p}\n|v|={float(pred.lengths[i, p]):.2f}", fontsize=8
+        )
+    if n == 0:
+        fig.text(0.5, 0.5, "no misclassified digits", ha="center", va="center")
+    fig.suptitle("most confidently wrong: digit | reconstruction from the predicted capsule")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_figures(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    out_dir: str | Path,
+    device=None,
+    max_images: int = 10_000,
+    num_reconstructions: int = 40,
+    num_wrong: int = 24,
+) -> dict[str, Path]:
+    """Draw the four figures of a trained model on (test) `images` and `labels` into `out_dir`.
+
+    images: uint8 [N, 28, 28] or float [N, 1, 28, 28] in [0, 1]; at most `max_images` are used.
+    device: where to run the model (default: where it is). The model's train/eval mode is kept.
+    Returns {"reconstructions", "capsule_dimensions", "confusion_matrix", "confident_wrong"}
+    -> PNG path.
+    """
+    net = unwrap(model)
+    if device is not None:
+        net = net.to(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x = as_float_images(images[:max_images])
+    y = labels[:max_images].detach().cpu().long()
+    pred = predict(net, x)
+
+    n = min(num_reconstructions, x.shape[0])
+    paths = {
+        "reconstructions": _plot_reconstructions(
+            x[:n], pred.reconstructions[:n], y[:n], pred.labels[:n], out / "reconstructions.png"
+        )
+    }
+    # The perturbation figure uses the first correctly classified image (the first, if none is).
+    correct = torch.nonzero(pred.labels == y).flatten()
+    first = int(correct[0]) if correct.numel() else 0
+    recon, label = perturb_capsule(net, x[first])
+    paths["capsule_dimensions"] = _plot_perturbation(recon, label, out / "capsule_dimensions.png")
+    num_classes = pred.lengths.shape[1]
+    cm = confusion_matrix(pred.labels, y, num_classes)
+    paths["confusion_matrix"] = _plot_confusion(cm, out / "confusion_matrix.png")
+    idx = most_confident_wrong(pred, y, num_wrong)
+    paths["confident_wrong"] = _plot_wrong(
+        x, pred.reconstructions, y, pred, idx, out / "confident_wrong.png"
+    )
+    return paths
+
+
+# --- command line: launch/visualize.py, console script capsfast-visualize --------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Draw the figures of an exported model on the shipped MNIST test set."""
+    import argparse
+    import sys
+
+    from capsfast.data import DataError, load_mnist
+    from capsfast.export import load_model
+    from capsfast.infer import choose_device
+
+    parser = argparse.ArgumentParser(
+        prog="visualize",
+        description="Reconstructions, capsule-dimension perturbations, confusion matrix and the "
+        "most confidently wrong test digits of an exported model, as PNG.",
+    )
+    parser.add_argument("model", help="exported model directory (model.safetensors + config.json)")
+    parser.add_argument("--out", default=None, help="output folder (default: MODEL/figures)")
+    parser.add_argument(
+        "--test-size", type=int, default=10_000, help="test images used (default: all 10,000)"
+    )
+    parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: shipped)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--routing", default="auto")
+    args = parser.parse_args(argv)
+    if args.test_size < 1:
+        parser.error("--test-size must be at least 1")
+    try:
+        model = load_model(args.model, device=choose_device(args.device), routing=args.routing)
+        mnist = load_mnist(args.data_dir)
+    except (OSError, ValueError, RuntimeError, DataError) as e:
+        print(f"visualize: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.model) / "figures"
+    paths = save_figures(
+        model, mnist.test_images[: args.test_size], mnist.test_labels[: args.test_size], out
+    )
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0

@@ -1,0 +1,380 @@
+"""Use a trained model: turn a person's image into an MNIST-like input, and predict.
+
+MNIST digits are light-on-dark, size-normalised to fit a 20x20 box (aspect ratio kept) and placed
+in a 28x28 field with their centre of mass at the centre. `preprocess` does the same to any
+picture of one digit: any size, RGB or grey, with or without alpha, dark-on-light or light-on-dark
+(detected from the border), digit anywhere in the frame.
+
+Nothing here needs training code: an exported model (model.safetensors + config.json) is enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from capsfast.export import load_model
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+BOX = 20  # MNIST: the digit's bounding box is scaled to fit 20x20
+FIELD = 28
+INK_THRESHOLD = 0.05  # fraction of the ink range that counts as ink for the bounding box
+MIN_CONTRAST = 0.08  # below this (max ink - background) there is no digit to read
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or holds no digit; the message says which and why."""
+
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageError",
+    "Prediction",
+    "FileResult",
+    "choose_device",
+    "expand_paths",
+    "load_model",
+    "load_image",
+    "preprocess",
+    "preprocess_array",
+    "predict",
+    "predict_files",
+    "to_uint8",
+    "unwrap",
+]
+
+
+def choose_device(device: str | None = None) -> torch.device:
+    """`None`/"auto": the GPU where there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The CapsNet inside DDP / Accelerate / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+# --- reading images --------------------------------------------------------------------------
+
+
+def load_image(source) -> torch.Tensor:
+    """Read a path, PIL image or array into grey float [H, W] in [0, 1] (not yet MNIST-like).
+
+    EXIF orientation is applied. A transparent background is flattened onto the colour that
+    contrasts with the strokes (white under dark strokes, black under light ones), so a drawing
+    on a transparent canvas reads the same whatever its ink colour.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            raise ImageError("is a directory")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+        except FileNotFoundError:
+            raise ImageError("no such file") from None
+        except UnidentifiedImageError:
+            raise ImageError("not an image file (PIL cannot identify it)") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageError(f"unreadable or corrupt image ({e})") from None
+    elif isinstance(source, Image.Image):
+        img = source
+    else:  # numpy array or tensor [H, W] / [H, W, C], uint8 or float in [0, 1]
+        t = torch.as_tensor(source)
+        if t.dtype.is_floating_point:
+            t = (t.clamp(0, 1) * 255).round()
+        arr = t.to(torch.uint8).cpu().numpy()
+        img = Image.fromarray(arr)
+    return _to_grey(img)
+
+
+def _to_grey(img) -> torch.Tensor:
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = torch.tensor(list(img.getdata()), dtype=torch.float64).view(img.height, img.width)
+        lo, hi = a.min(), a.max()
+        return ((a - lo) / (hi - lo).clamp_min(1e-12)).float()
+    alpha = None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        alpha = _tensor(rgba.getchannel("A"))
+        grey = _tensor(rgba.convert("L"))
+    else:
+        grey = _tensor(img.convert("L"))
+    if alpha is not None and float(alpha.min()) < 1.0:
+        weight = alpha.sum()
+        if float(weight) == 0:
+            return torch.zeros_like(grey)  # fully transparent: blank, rejected in preprocess
+        ink_level = float((grey * alpha).sum() / weight)
+        background = 1.0 if ink_level < 0.5 else 0.0
+        grey = grey * alpha + background * (1 - alpha)
+    return grey
+
+
+def _tensor(img) -> torch.Tensor:
+    """8-bit PIL image (one band) -> float [H, W] in [0, 1]."""
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(img.height, img.width).float() / 255.0
+
+
+# --- MNIST-like normalisation ------------------------------------------------------------------
+
+
+def preprocess_array(grey: torch.Tensor) -> torch.Tensor:
+    """Grey float [H, W] in [0, 1] -> MNIST-like [1, 28, 28] float in [0, 1].
+
+    1. polarity: the border's median is the background; a light background is inverted so the
+       digit is light on dark, as in MNIST;
+    2. contrast: background -> 0, the brightest ink -> 1;
+    3. crop to the ink's bounding box, scale (antialiased, aspect kept) to fit 20x20;
+    4. paste into 28x28 with the centre of mass at the centre.
+    Raises ImageError for a blank image.
+    """
+    g = grey.float()
+    if g.dim() != 2 or min(g.shape) < 1:
+        raise ImageError(f"expected a 2-D grey image, got shape {tuple(g.shape)}")
+    h, w = g.shape
+    b = max(1, min(h, w) // 20)  # border strip: 5% of the shorter side, at least a pixel
+    border = torch.cat([g[:b].flatten(), g[-b:].flatten(), g[:, :b].flatten(), g[:, -b:].flatten()])
+    background = float(border.median())
+    if background > 0.5:
+        g, background = 1.0 - g, 1.0 - background
+    ink = (g - background).clamp_min(0)
+    peak = float(ink.max())
+    if peak < MIN_CONTRAST:
+        raise ImageError("blank image: no digit found (no pixel stands out from the background)")
+    ink = ink / peak
+
+    rows = torch.nonzero((ink > INK_THRESHOLD).any(1)).flatten()
+    cols = torch.nonzero((ink > INK_THRESHOLD).any(0)).flatten()
+    crop = ink[int(rows[0]) : int(rows[-1]) + 1, int(cols[0]) : int(cols[-1]) + 1]
+    ch, cw = crop.shape
+    scale = BOX / max(ch, cw)
+    nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
+    small = F.interpolate(
+        crop[None, None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
+    )[0, 0].clamp(0, 1)
+    if float(small.max()) > 0:
+        small = small / small.max()  # thin strokes on a big canvas fade when shrunk: restore
+
+    mass = small.sum()
+    ys = torch.arange(nh, dtype=small.dtype)
+    xs = torch.arange(nw, dtype=small.dtype)
+    cy = float((small.sum(1) * ys).sum() / mass)
+    cx = float((small.sum(0) * xs).sum() / mass)
+    centre = FIELD / 2  # MNIST puts the centre of mass at pixel (14, 14) (measured: 14.0)
+    top, left = round(centre - cy), round(centre - cx)
+    # Paste on a canvas with room for any offset, then cut the 28x28 field out of it.
+    pad = FIELD
+    canvas = torch.zeros(FIELD + 2 * pad, FIELD + 2 * pad)
+    canvas[pad + top : pad + top + nh, pad + left : pad + left + nw] = small
+    return canvas[pad : pad + FIELD, pad : pad + FIELD].unsqueeze(0).contiguous()
+
+
+def preprocess(source) -> torch.Tensor:
+    """A path, PIL image or array of one digit -> MNIST-like [1, 28, 28] float in [0, 1]."""
+    return preprocess_array(load_image(source))
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [..., H, W] in [0, 1] -> uint8, for saving or display."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+# --- prediction --------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    labels: torch.Tensor  # [B] int64: the longest capsule
+    lengths: torch.Tensor  # [B, 10]: capsule lengths
+    poses: torch.Tensor  # [B, 10, 16]
+    reconstructions: torch.Tensor  # [B, 1, 28, 28], decoded from the predicted capsule
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> Prediction:
+    """Run `model` (eval mode, no grad) over float images [B, 1, 28, 28]; results on the CPU."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    parts = []
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i : i + batch_size].to(device, torch.float32)
+            out = net(x)
+            parts.append(
+                (out.lengths.float().cpu(), out.poses.float().cpu(), out.reconstructions.cpu())
+            )
+    finally:
+        net.train(was_training)
+    if not parts:
+        cfg = net.config
+        return Prediction(
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, cfg.num_classes),
+            torch.zeros(0, cfg.num_classes, cfg.digit_dim),
+            torch.zeros(0, cfg.in_channels, cfg.image_size, cfg.image_size),
+        )
+    lengths, poses, recon = (torch.cat(p) for p in zip(*parts, strict=True))
+    return Prediction(lengths.argmax(1), lengths, poses, recon.float())
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given (whatever their suffix); folders -> their image files, recursively, sorted."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = (f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            out.extend(sorted(f for f in found if f.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+@dataclass
+class FileResult:
+    path: Path
+    label: int | None = None
+    lengths: list[float] | None = None
+    error: str | None = None
+    input: torch.Tensor | None = None  # [1, 28, 28] the MNIST-like image the model saw
+    reconstruction: torch.Tensor | None = None  # [1, 28, 28]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def predict_files(
+    model: torch.nn.Module, paths: Iterable[str | Path], batch_size: int = 256
+) -> Iterator[FileResult]:
+    """Predict every image in `paths` (folders expanded), in order, `batch_size` at a time.
+
+    A file that cannot be read gives a FileResult with `error` set; the others are unaffected.
+    """
+    files = expand_paths(paths)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        results = [FileResult(path) for path in chunk]
+        good, tensors = [], []
+        for r in results:
+            try:
+                tensors.append(preprocess(r.path))
+                good.append(r)
+            except ImageError as e:
+                r.error = str(e)
+        if tensors:
+            batch = torch.stack(tensors)
+            pred = predict(model, batch, batch_size)
+            for i, r in enumerate(good):
+                r.label = int(pred.labels[i])
+                r.lengths = [float(v) for v in pred.lengths[i]]
+                r.input = batch[i]
+                r.reconstruction = pred.reconstructions[i]
+        yield from results
+
+
+# --- command line: launch/predict.py, console script capsfast-predict ------------------------
+
+
+def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
+    from PIL import Image
+
+    arr = to_uint8(image.squeeze(0)).numpy()
+    img = Image.fromarray(arr, mode="L") if arr.ndim == 2 else Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Predict the digit in each image file (or folder of images); exit 1 if any file failed."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="predict",
+        description="Classify pictures of handwritten digits with an exported capsfast model. "
+        "Any size, RGB or grey, dark-on-light or light-on-dark; digits are centred and scaled "
+        "as MNIST's were. Folders are searched recursively for image files.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    parser.add_argument(
+        "--model", required=True, help="exported model directory (model.safetensors + config.json)"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line and file")
+    parser.add_argument(
+        "--save-reconstructions",
+        metavar="DIR",
+        help="write each reconstruction (and the 28x28 input the model saw) as PNG into DIR",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument(
+        "--routing", default="auto", help="routing implementation: auto, torch, triton, fused"
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+
+    try:
+        device = choose_device(args.device)
+        model = load_model(args.model, device=device, routing=args.routing)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"predict: error: cannot load model: {e}", file=sys.stderr)
+        return 2
+
+    recon_dir = Path(args.save_reconstructions) if args.save_reconstructions else None
+    if recon_dir is not None:
+        recon_dir.mkdir(parents=True, exist_ok=True)
+    used_names: set[str] = set()
+    failed = 0
+    if not expand_paths(args.paths):
+        print("predict: error: no image files found in the given folders", file=sys.stderr)
+        return 1
+    for r in predict_files(model, args.paths, batch_size=args.batch_size):
+        record: dict = {"path": str(r.path)}
+        if r.ok:
+            record["label"] = r.label
+            record["lengths"] = [round(v, 6) for v in r.lengths]
+            if recon_dir is not None:
+                stem = r.path.stem
+                name, n = stem, 1
+                while name in used_names:
+                    n += 1
+                    name = f"{stem}-{n}"
+                used_names.add(name)
+                recon_path = recon_dir / f"{name}.recon.png"
+                _save_png(r.reconstruction, recon_path)
+                _save_png(r.input, recon_dir / f"{name}.input.png")
+                record["reconstruction"] = str(recon_path)
+        else:
+            failed += 1
+            record["error"] = r.error
+        if args.json:
+            print(json.dumps(record), flush=True)
+        elif r.ok:
+            lengths = " ".join(f"{v:.3f}" for v in r.lengths)
+            print(f"{r.path}: {r.label}  (lengths 0-9: {lengths})", flush=True)
+        else:
+            print(f"predict: error: {r.path}: {r.error}", file=sys.stderr, flush=True)
+    if failed and not args.json:
+        print(f"predict: {failed} of the files failed", file=sys.stderr)
+    return 1 if failed else 0

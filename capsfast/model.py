@@ -1,0 +1,193 @@
+"""CapsNet (Sabour, Frosst & Hinton 2017) exactly as ../shared/SPEC.md specifies it.
+
+image [B,1,28,28] -> Conv1 (256, 9x9, ReLU) -> PrimaryCaps (32 types x 8D on a 6x6 grid)
+  -> DigitCaps (W_ij per pair, routing, bias) -> 10 capsules of 16D
+  -> decoder (masked capsule -> 512 -> 1024 -> 784, sigmoid)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capsfast.routing import IMPLS, digit_caps, resolve_impl, safe_norm, squash
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. The defaults are the paper's MNIST model; exported with every model."""
+
+    in_channels: int = 1
+    image_size: int = 28
+    conv_channels: int = 256
+    kernel_size: int = 9
+    primary_types: int = 32
+    primary_dim: int = 8
+    num_classes: int = 10
+    digit_dim: int = 16
+    routing_iters: int = 3
+    digit_bias: bool = True
+    detach_inner: bool = False
+    w_init_std: float = 0.01  # SPEC: small normal; N(0, 1) slows training
+    decoder_hidden: tuple[int, int] = (512, 1024)
+
+    @property
+    def primary_grid(self) -> int:
+        conv1 = self.image_size - self.kernel_size + 1
+        return (conv1 - self.kernel_size) // 2 + 1
+
+    @property
+    def num_primary(self) -> int:
+        return self.primary_types * self.primary_grid**2
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["decoder_hidden"] = list(self.decoder_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}: written by a newer capsfast?")
+        if "decoder_hidden" in known:
+            known["decoder_hidden"] = tuple(known["decoder_hidden"])
+        return cls(**known)
+
+
+@dataclass
+class CapsNetOutput:
+    lengths: torch.Tensor  # [B, num_classes]: capsule lengths, the class probabilities
+    poses: torch.Tensor  # [B, num_classes, digit_dim]: the DigitCaps outputs v
+    reconstructions: torch.Tensor  # [B, 1, 28, 28] in [0, 1]
+
+
+class PrimaryCaps(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.types, self.dim = cfg.primary_types, cfg.primary_dim
+        self.conv = nn.Conv2d(
+            cfg.conv_channels, self.types * self.dim, cfg.kernel_size, stride=2
+        )  # no ReLU: squash is the non-linearity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)  # [B, types*dim, H, W]
+        B, _, H, W = y.shape
+        # Capsule (type k, y, x) is channels dim*k .. dim*k + dim-1 at (y, x): split the channel
+        # axis first, then move the capsule's dim last. Reshaping NCHW straight to [B, -1, dim]
+        # would mix spatial positions into one capsule (a bug in several public versions).
+        y = y.view(B, self.types, self.dim, H, W).permute(0, 1, 3, 4, 2)
+        return squash(y.reshape(B, self.types * H * W, self.dim))  # [B, I, dim]
+
+
+class DigitCaps(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.iterations = cfg.routing_iters
+        self.detach_inner = cfg.detach_inner
+        self.W = nn.Parameter(
+            torch.randn(cfg.num_primary, cfg.num_classes, cfg.digit_dim, cfg.primary_dim)
+            * cfg.w_init_std
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(cfg.num_classes, cfg.digit_dim)) if cfg.digit_bias else None
+        )
+        self.impl = "auto"  # which routing implementation runs; set by CapsNet.set_routing
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return digit_caps(
+            u,
+            self.W,
+            self.iterations,
+            bias=self.bias,
+            detach_inner=self.detach_inner,
+            impl=self.impl,
+        )
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h1, h2 = cfg.decoder_hidden
+        out = cfg.in_channels * cfg.image_size**2
+        self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        self.net = nn.Sequential(
+            nn.Linear(cfg.num_classes * cfg.digit_dim, h1),
+            nn.ReLU(inplace=True),
+            nn.Linear(h1, h2),
+            nn.ReLU(inplace=True),
+            nn.Linear(h2, out),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, poses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Mask every capsule but the chosen one, keep the [J*D] layout (SPEC: 160 inputs).
+        mask = F.one_hot(labels, poses.shape[1]).to(poses.dtype).unsqueeze(-1)
+        return self.net((poses * mask).flatten(1)).view(-1, *self.shape)
+
+
+class CapsNet(nn.Module):
+    """`CapsNet()` is the paper's MNIST model (8,215,728 parameters with the DigitCaps bias)."""
+
+    def __init__(self, config: ModelConfig | None = None, routing: str = "auto"):
+        super().__init__()
+        self.config = config or ModelConfig()
+        cfg = self.config
+        self.conv1 = nn.Conv2d(cfg.in_channels, cfg.conv_channels, cfg.kernel_size)
+        self.primary = PrimaryCaps(cfg)
+        self.digit = DigitCaps(cfg)
+        self.decoder = Decoder(cfg)
+        self.set_routing(routing)
+
+    def set_routing(self, impl: str) -> None:
+        """Choose the routing implementation: auto, torch, triton or fused (`--routing`)."""
+        if impl not in ("auto", *IMPLS):
+            raise ValueError(f"routing must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
+        self.digit.impl = impl
+
+    @property
+    def routing(self) -> str:
+        """The implementation that runs on this model's device (auto resolved)."""
+        return resolve_impl(self.digit.impl, self.digit.W.device)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 1, 28, 28] in [0, 1] -> poses v [B, num_classes, digit_dim]."""
+        x = F.relu(self.conv1(images))
+        return self.digit(self.primary(x))
+
+    def decode(self, poses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Reconstruct [B, 1, 28, 28] from poses [B, J, D], masked to `labels` [B]."""
+        return self.decoder(poses, labels)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
+        poses = self.encode(images)
+        lengths = safe_norm(poses)
+        # Training: the decoder sees the true label's capsule; inference: the predicted one.
+        chosen = labels if labels is not None else lengths.argmax(dim=1)
+        return CapsNetOutput(lengths, poses, self.decode(poses, chosen))
+
+
+def margin_loss(
+    lengths: torch.Tensor,
+    labels: torch.Tensor,
+    m_plus: float = 0.9,
+    m_minus: float = 0.1,
+    lam: float = 0.5,
+) -> torch.Tensor:
+    """sum_k T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2, mean over the batch."""
+    lengths = lengths.float()
+    T = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)
+    loss = T * F.relu(m_plus - lengths).pow(2) + lam * (1 - T) * F.relu(lengths - m_minus).pow(2)
+    return loss.sum(1).mean()
+
+
+def reconstruction_loss(
+    reconstructions: torch.Tensor, images: torch.Tensor, weight: float = 0.0005
+) -> torch.Tensor:
+    """weight * sum over pixels of the squared error, mean over the batch."""
+    err = (reconstructions.float() - images.float()).pow(2).flatten(1).sum(1)
+    return weight * err.mean()

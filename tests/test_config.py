@@ -1,0 +1,134 @@
+"""Presets, flags, the learning-rate rule and schedule, and their one-line errors."""
+
+import math
+
+import pytest
+
+from capsfast.config import PRESETS, TrainConfig, build_parser, parse_args, resolve
+from capsfast.train import resolve_compile, resolve_mixed_precision
+
+
+def test_paper_preset_is_the_spec():
+    cfg = parse_args([])
+    assert cfg.preset == "paper"
+    assert (cfg.lr, cfg.batch_size, cfg.lr_decay, cfg.lr_decay_every) == (1e-3, 128, 0.96, 2000)
+    assert cfg.max_shift == 2 and cfg.routing_iters == 3 and cfg.recon_weight == 0.0005
+    assert cfg.schedule == "step" and cfg.ema_decay == 0 and cfg.val_size == 5000
+
+
+def test_seed_preset_is_the_original_project():
+    cfg = parse_args(["--preset", "seed"])
+    assert (cfg.lr, cfg.decoder_lr, cfg.weight_decay) == (3e-4, 1e-3, 1e-4)
+    assert cfg.batch_size == 128 and cfg.max_shift == 0 and cfg.epochs == 100
+    assert cfg.schedule == "constant"
+
+
+def test_flags_override_the_preset():
+    cfg = parse_args(["--preset", "seed", "--lr", "0.01", "--batch-size", "64", "--no-compile"])
+    assert cfg.lr == 0.01 and cfg.batch_size == 64 and cfg.compile is False
+    assert cfg.weight_decay == 1e-4  # untouched preset value stays
+
+
+def test_every_field_has_a_flag_with_help():
+    parser = build_parser()
+    text = parser.format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    for flag in ["--preset", "--data-dir", "--download", "--epochs", "--max-steps", "--batch-size",
+                 "--lr", "--routing-iters", "--routing", "--detach-inner", "--mixed-precision",
+                 "--compile", "--no-compile", "--cpu-threads", "--seed", "--output-dir",
+                 "--checkpoint-every", "--resume", "--report-to", "--val-size", "--test-size"]:
+        assert flag in text
+    assert "GLOBAL batch" in text
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--max-steps", "0"], "--max-steps must be >= 1"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--routing-iters", "0"], "--routing-iters must be >= 1"),
+        (["--val-size", "-5"], "--val-size must be >= 0"),
+        (["--preset", "turbo"], "invalid choice: 'turbo'"),
+        (["--routing", "cuda"], "invalid choice: 'cuda'"),
+        (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--batch-size", "many"], "invalid int value"),
+    ],
+)
+def test_bad_flags_give_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_resolve_rejects_unknown_preset():
+    with pytest.raises(ValueError, match="unknown --preset 'x'"):
+        resolve({"preset": "x"})
+
+
+def test_lr_scales_with_sqrt_of_global_batch():
+    assert parse_args([]).scaled_lr() == pytest.approx(1e-3)
+    assert parse_args(["--batch-size", "512"]).scaled_lr() == pytest.approx(2e-3)
+    assert parse_args(["--batch-size", "32"]).scaled_lr() == pytest.approx(5e-4)
+
+
+def test_step_schedule_decays_every_256k_samples():
+    cfg = parse_args([])
+    assert cfg.lr_factor(0, 10**6) == 1.0
+    assert cfg.lr_factor(1999, 10**6) == 1.0
+    assert cfg.lr_factor(2000, 10**6) == pytest.approx(0.96)
+    assert cfg.lr_factor(4000, 10**6) == pytest.approx(0.96**2)
+    big = parse_args(["--batch-size", "512"])  # 4x the batch: decays every 500 steps
+    assert big.lr_factor(499, 10**6) == 1.0 and big.lr_factor(500, 10**6) == pytest.approx(0.96)
+
+
+@pytest.mark.parametrize("total", [7, 50, 1000, 12345])
+def test_onecycle_shape_for_any_budget(total):
+    cfg = resolve({"preset": "fast"})
+    f = [cfg.lr_factor(s, total) for s in range(total)]
+    warm = int(cfg.warmup_frac * total)
+    if warm:
+        assert f[0] == pytest.approx(1 / warm) and f[warm - 1] == pytest.approx(1.0)
+        assert all(a < b for a, b in zip(f[:warm], f[1:warm], strict=False))
+    assert max(f) == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(cfg.final_lr_frac)
+    assert all(a >= b - 1e-12 for a, b in zip(f[warm:], f[warm + 1 :], strict=False))
+
+
+def test_presets_all_resolve_and_validate():
+    for name in PRESETS:
+        cfg = resolve({"preset": name})
+        assert cfg.preset == name
+        assert cfg.validate() is cfg
+        assert math.isfinite(cfg.scaled_lr())
+
+
+def test_mixed_precision_resolution(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    paper = parse_args([])
+    assert resolve_mixed_precision(paper, on_cuda=False) == "no"  # fp32 on CPU
+    assert resolve_mixed_precision(paper, on_cuda=True) == "bf16"  # the preset's choice on CUDA
+    assert resolve_mixed_precision(parse_args(["--preset", "seed"]), on_cuda=True) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` exports
+    assert resolve_mixed_precision(paper, on_cuda=True) == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # a launcher choice applies
+    assert resolve_mixed_precision(paper, on_cuda=False) == "fp16"
+    flagged = parse_args(["--mixed-precision", "no"])  # the flag wins
+    assert resolve_mixed_precision(flagged, on_cuda=True) == "no"
+
+
+def test_compile_resolution(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    cfg = parse_args([])
+    assert resolve_compile(cfg, on_cuda=True) is True
+    assert resolve_compile(cfg, on_cuda=False) is False
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    assert resolve_compile(cfg, on_cuda=False) is False
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    assert resolve_compile(cfg, on_cuda=False) is True
+    assert resolve_compile(parse_args(["--no-compile"]), on_cuda=True) is False

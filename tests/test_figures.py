@@ -1,0 +1,159 @@
+"""capsfast.figures and launch/visualize.py on the briefly trained model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capsfast.data import load_mnist, to_float
+from capsfast.figures import (
+    DELTAS,
+    confusion_matrix,
+    most_confident_wrong,
+    perturb_capsule,
+    plot_curves,
+    save_figures,
+    tile,
+)
+from capsfast.infer import Prediction, load_model, predict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model(trained_model_dir):
+    return load_model(trained_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    mnist = load_mnist()
+    return mnist.test_images[:300], mnist.test_labels[:300]
+
+
+def _png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return np.asarray(img.convert("L"))
+
+
+def test_tile_layout():
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 3, 4) / 10
+    grid = tile(images, ncols=2, pad=1, pad_value=-1.0)
+    assert grid.shape == (3 * (3 + 1) + 1, 2 * (4 + 1) + 1)
+    assert (
+        grid[1, 1] == 0.0 and grid[1, 6] == pytest.approx(0.1) and grid[5, 1] == pytest.approx(0.2)
+    )
+    assert grid[9, 6] == -1.0  # the empty sixth cell keeps the pad value
+
+
+def test_perturbation_tensor(model, test_set):
+    images, labels = test_set
+    x = to_float(images[:1])[0]
+    recon, label = perturb_capsule(model, x)
+    assert recon.shape == (16, 11, 28, 28) and len(DELTAS) == 11
+    assert DELTAS[0] == -0.25 and DELTAS[5] == 0 and DELTAS[-1] == 0.25
+    assert label == int(labels[0])
+    assert 0 <= float(recon.min()) and float(recon.max()) <= 1
+    # The middle column (delta 0) is the model's own reconstruction, in every row.
+    own = predict(model, x[None]).reconstructions[0, 0]
+    torch.testing.assert_close(recon[:, 5], own.expand(16, 28, 28), atol=1e-5, rtol=0)
+    # Moving a dimension changes the picture, more the further it moves.
+    change = (recon - recon[:, 5:6]).abs().mean((2, 3))  # [16, 11]
+    assert float(change[:, 0].min()) > 0 and float(change[:, -1].min()) > 0
+    assert int((change[:, 0] > change[:, 4]).sum()) >= 12
+    assert int((change[:, 10] > change[:, 6]).sum()) >= 12
+
+
+def test_confusion_matrix_counts():
+    predicted = torch.tensor([0, 1, 1, 2, 2, 2])
+    labels = torch.tensor([0, 1, 2, 2, 2, 0])
+    cm = confusion_matrix(predicted, labels, num_classes=3)
+    assert cm.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]  # rows true, columns predicted
+
+
+def test_most_confident_wrong_order():
+    lengths = torch.tensor(
+        [[0.9, 0.1], [0.2, 0.7], [0.6, 0.3], [0.1, 0.95], [0.8, 0.2]]
+    )  # predicted 0, 1, 0, 1, 0
+    pred = Prediction(lengths.argmax(1), lengths, torch.zeros(5, 2, 16), torch.zeros(5, 1, 28, 28))
+    labels = torch.tensor([0, 0, 1, 0, 1])  # wrong: 1 (0.7), 2 (0.6), 3 (0.95), 4 (0.8)
+    assert most_confident_wrong(pred, labels, k=3).tolist() == [3, 4, 1]
+    assert most_confident_wrong(pred, lengths.argmax(1)).numel() == 0
+
+
+def test_save_figures(model, test_set, tmp_path):
+    images, labels = test_set
+    model.train()  # the trainer calls it mid-run: the mode must come back as it was
+    try:
+        paths = save_figures(model, images, labels, tmp_path / "figs", max_images=200)
+        assert model.training
+    finally:
+        model.eval()
+    assert set(paths) == {
+        "reconstructions",
+        "capsule_dimensions",
+        "confusion_matrix",
+        "confident_wrong",
+    }
+    sizes = {}
+    for name, path in paths.items():
+        assert path.parent == tmp_path / "figs" and path.suffix == ".png", name
+        pixels = _png(path)
+        sizes[name] = pixels.shape
+        assert min(pixels.shape) >= 200 and pixels.std() > 15, (name, pixels.shape, pixels.std())
+    assert sizes["confusion_matrix"] == (600, 700)
+    h, w = sizes["capsule_dimensions"]
+    assert h > w  # 16 rows of 11 columns
+
+
+def test_save_figures_accepts_float_images(model, test_set, tmp_path):
+    images, labels = test_set
+    paths = save_figures(model, to_float(images[:30]), labels[:30], tmp_path, device="cpu")
+    assert all(p.is_file() for p in paths.values())
+
+
+def test_plot_curves(tmp_path):
+    records = [
+        {
+            "epoch": e,
+            "train_loss": 0.3 / e,
+            "margin_loss": 0.2 / e,
+            "recon_loss": 0.1 / e,
+            "train_accuracy": 0.9 + e / 100,
+            "val_accuracy": None if e == 1 else 0.95 + e / 100,
+            "lr": 1e-3 * 0.96**e,
+        }
+        for e in range(1, 6)
+    ]
+    path = plot_curves(records, tmp_path / "curves.png")
+    pixels = _png(path)
+    assert pixels.shape == (450, 1500) and pixels.std() > 10
+    # An empty history still draws (panels say "no data").
+    assert _png(plot_curves([], tmp_path / "empty.png")).shape == (450, 1500)
+
+
+def test_visualize_cli(trained_model_dir, tmp_path):
+    out = tmp_path / "figs"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "visualize.py"), str(trained_model_dir)]
+        + ["--out", str(out), "--test-size", "200", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [
+        "capsule_dimensions.png",
+        "confident_wrong.png",
+        "confusion_matrix.png",
+        "reconstructions.png",
+    ]
+    assert "confusion_matrix: " in proc.stdout

@@ -1,0 +1,282 @@
+"""The fused Triton routing (capsfast.kernels.routing) against the reference route(impl="torch").
+
+Runs natively on CUDA when present, else under the Triton interpreter on CPU (conftest.py sets
+TRITON_INTERPRET=1 before triton is imported). Every test runs with CAPSFAST_POISON=1: outputs
+and scratch buffers start as NaN, so an element a kernel fails to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from capsfast.kernels import routing as kr
+
+from capsfast import CapsNet, margin_loss, reconstruction_loss
+from capsfast.routing import route
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative tolerance per dtype: the kernels and the reference both compute in fp32 and round the
+# result to the input dtype once, so they differ by fp32 reassociation plus one rounding.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = list(TOL)
+PAPER = (2, 1152, 10, 16)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("CAPSFAST_POISON", "1")
+    monkeypatch.delenv("CAPSFAST_ROUTING_BLOCK_I", raising=False)
+    monkeypatch.delenv("CAPSFAST_ROUTING_SLICES", raising=False)
+
+
+def assert_close(got, want, dtype, what=""):
+    """|got - want| <= tol * (|want| + max|want|): relative to the tensor's scale, so entries
+    near zero do not need an absolute tolerance of their own."""
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
+    tol = TOL[dtype]
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def make_inputs(shape, dtype, with_bias, seed=0, bias_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    B, _, J, D = shape
+    # Scale so |s| spans squash's curved range and the softmax is far from uniform.
+    u = (torch.randn(shape, generator=gen) * 0.5).to(DEVICE, dtype).requires_grad_(True)
+    bias = None
+    if with_bias:
+        bias = (torch.randn(J, D, generator=gen) * 0.3).to(DEVICE, bias_dtype or dtype)
+        bias.requires_grad_(True)
+    grad_v = torch.randn(B, J, D, generator=gen).to(DEVICE, dtype)
+    return u, bias, grad_v
+
+
+def check_against_reference(shape, iterations, detach_inner, with_bias, dtype, seed=0):
+    u, bias, grad_v = make_inputs(shape, dtype, with_bias, seed)
+    inputs = [u] + ([bias] if with_bias else [])
+    results = {}
+    for impl in ("torch", "triton"):
+        v = route(u, iterations, bias=bias, detach_inner=detach_inner, impl=impl)
+        grads = torch.autograd.grad(v, inputs, grad_v)
+        results[impl] = (v, *grads)
+    names = ("v", "du_hat", "dbias")[: len(inputs) + 1]
+    for name, got, want in zip(names, results["triton"], results["torch"], strict=True):
+        assert_close(got, want, dtype, f"{name} {shape} T={iterations} detach={detach_inner}")
+
+
+# --- forward and gradients against the reference --------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("detach_inner", [False, True])
+@pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5])
+def test_iterations_modes_bias_fp32(iterations, detach_inner, with_bias):
+    check_against_reference((2, 37, 7, 5), iterations, detach_inner, with_bias, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 37, 7, 5), (2, 37, 1, 5), (1, 37, 7, 5), (3, 1, 4, 3), (2, 9, 3, 1), (1, 6, 32, 32)],
+    ids=["odd", "J1", "B1", "I1", "D1", "J32D32"],
+)
+@pytest.mark.parametrize("detach_inner", [False, True])
+def test_shapes_dtypes(shape, dtype, detach_inner):
+    check_against_reference(shape, 3, detach_inner, True, dtype, seed=1)
+
+
+@pytest.mark.parametrize(
+    "block_i, slices",
+    [(4, 3), (1, 100), (8, 1), (64, 2)],
+    ids=["partial-last-slice", "one-row-tiles", "one-slice", "one-masked-tile"],
+)
+def test_tilings(monkeypatch, block_i, slices):
+    """Other (BLOCK_I, i-slices) splits: masked rows, empty trailing tiles, many partials."""
+    monkeypatch.setenv("CAPSFAST_ROUTING_BLOCK_I", str(block_i))
+    monkeypatch.setenv("CAPSFAST_ROUTING_SLICES", str(slices))
+    check_against_reference((2, 37, 7, 5), 3, False, True, torch.float32, seed=2)
+
+
+@pytest.mark.parametrize(
+    "dtype, iterations, detach_inner, with_bias",
+    [
+        (torch.float32, 3, False, True),
+        (torch.bfloat16, 3, False, True),
+        (torch.float16, 3, True, False),
+        (torch.float32, 2, True, True),
+    ],
+    ids=["fp32-full-bias", "bf16-full-bias", "fp16-detach", "fp32-T2-detach-bias"],
+)
+def test_paper_shape(dtype, iterations, detach_inner, with_bias):
+    check_against_reference(PAPER, iterations, detach_inner, with_bias, dtype, seed=3)
+
+
+def test_mixed_dtype_bias_and_noncontiguous_input():
+    """bf16 u_hat with an fp32 bias (an fp32 parameter under autocast), u_hat a transposed view:
+    v and du in bf16, dbias in fp32, as the reference gives."""
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 7, 37, 5, generator=gen).to(DEVICE, torch.bfloat16)
+    u = base.transpose(1, 2).requires_grad_(True)  # [2, 37, 7, 5], not contiguous
+    assert not u.is_contiguous()
+    bias = torch.randn(7, 5, generator=gen).to(DEVICE).requires_grad_(True)
+    grad_v = torch.randn(2, 7, 5, generator=gen).to(DEVICE, torch.bfloat16)
+    out = {}
+    for impl in ("torch", "triton"):
+        v = route(u, 3, bias=bias, impl=impl)
+        out[impl] = (v, *torch.autograd.grad(v, (u, bias), grad_v))
+    for name, got, want in zip(("v", "du", "dbias"), out["triton"], out["torch"], strict=True):
+        assert_close(got, want, torch.bfloat16, name)
+    assert out["triton"][2].dtype == torch.float32
+
+
+def test_deterministic():
+    u, bias, grad_v = make_inputs((2, 37, 7, 5), torch.float32, True, seed=5)
+    runs = []
+    for _ in range(2):
+        v = route(u, 3, bias=bias, impl="triton")
+        runs.append((v, *torch.autograd.grad(v, (u, bias), grad_v)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_poison_fills_buffers_with_nan():
+    """The NaN poisoning the other tests rely on is switched on."""
+    buf = kr._alloc((3, 4), torch.bfloat16, DEVICE)
+    assert torch.isnan(buf).all()
+
+
+# --- torch.library: opcheck, torch.compile, autocast ----------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(with_bias):
+    u, bias, _ = make_inputs((2, 5, 3, 4), torch.float32, with_bias, seed=6)
+    torch.library.opcheck(torch.ops.capsfast.route.default, (u, bias, 3, False))
+    torch.library.opcheck(torch.ops.capsfast.route.default, (u, bias, 2, True))
+
+
+def _compiled_matches(backend):
+    u, bias, grad_v = make_inputs((2, 37, 7, 5), torch.float32, True, seed=7)
+
+    def f(u, bias):
+        return route(u, 3, bias=bias, impl="triton").square().sum(-1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    g = grad_v[..., 0]
+    out = {}
+    for name, fn in (("eager", f), ("compiled", compiled)):
+        y = fn(u, bias)
+        out[name] = (y, *torch.autograd.grad(y, (u, bias), g))
+    for name, got, want in zip(("y", "du", "dbias"), out["compiled"], out["eager"], strict=True):
+        assert_close(got, want, torch.float32, f"{backend} {name}")
+
+
+def test_compile_aot_eager():
+    _compiled_matches("aot_eager")
+
+
+def test_compile_inductor():
+    _compiled_matches("inductor")
+
+
+def test_autocast_matches_reference():
+    """Under autocast u_hat comes from a low-precision einsum; the op takes it as it is."""
+    amp = torch.bfloat16 if DEVICE == "cpu" else torch.float16
+    gen = torch.Generator().manual_seed(8)
+    W = (torch.randn(37, 7, 5, 4, generator=gen) * 0.3).to(DEVICE).requires_grad_(True)
+    x = torch.randn(2, 37, 4, generator=gen).to(DEVICE)
+    bias = (torch.randn(7, 5, generator=gen) * 0.3).to(DEVICE).requires_grad_(True)
+    out = {}
+    for impl in ("torch", "triton"):
+        with torch.autocast(DEVICE, dtype=amp):
+            u_hat = torch.einsum("ijdk,bik->bijd", W, x)
+            v = route(u_hat, 3, bias=bias, impl=impl)
+            loss = v.float().square().sum()
+        assert u_hat.dtype == amp and v.dtype == amp
+        out[impl] = (v, *torch.autograd.grad(loss, (W, bias)))
+    for name, got, want in zip(("v", "dW", "dbias"), out["triton"], out["torch"], strict=True):
+        assert_close(got, want, amp, f"autocast {name}")
+
+
+# --- the whole model -------------------------------------------------------------------------
+
+
+def test_capsnet_training_step_matches_reference():
+    torch.manual_seed(9)
+    ref = CapsNet(routing="torch").to(DEVICE)
+    fast = CapsNet(routing="triton").to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    assert fast.routing == "triton"
+    images = torch.rand(2, 1, 28, 28, device=DEVICE)
+    labels = torch.tensor([3, 7], device=DEVICE)
+    results = {}
+    for name, model in (("torch", ref), ("triton", fast)):
+        out = model(images, labels)
+        loss = margin_loss(out.lengths, labels) + reconstruction_loss(out.reconstructions, images)
+        loss.backward()
+        results[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    assert_close(results["triton"][0], results["torch"][0], torch.float32, "loss")
+    grads_ref = results["torch"][1]
+    assert set(results["triton"][1]) == set(grads_ref) and "digit.bias" in grads_ref
+    for n, g in results["triton"][1].items():
+        assert_close(g, grads_ref[n], torch.float32, f"grad of {n}")
+
+
+# --- errors and availability ----------------------------------------------------------------
+
+
+def test_bad_arguments_raise_clear_errors():
+    u = torch.randn(2, 5, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\[B, I, J, D\]"):
+        kr.route_triton(u[0], 3)
+    with pytest.raises(ValueError, match="bias must be"):
+        kr.route_triton(u, 3, bias=torch.zeros(4, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="iterations"):
+        kr.route_triton(u, 0)
+    with pytest.raises(ValueError, match="I, J and D"):
+        kr.route_triton(u[:, :0], 2)
+    with pytest.raises(TypeError, match="impl='torch' for float64"):
+        kr.route_triton(u.double(), 3)
+
+
+def test_triton_available_here():
+    ok, reason = kr.triton_available(DEVICE)
+    assert ok, reason
+    assert kr.triton_available("meta") == (
+        False,
+        "Triton routing does not support device type 'meta'",
+    )
+
+
+def test_cpu_without_interpreter_raises_clear_error():
+    """A fresh interpreter without TRITON_INTERPRET: a CPU tensor gets a RuntimeError naming the
+    ways out, and triton_available('cpu') says no."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from capsfast.kernels.routing import triton_available
+        from capsfast.routing import route
+        ok, reason = triton_available("cpu")
+        assert not ok and "TRITON_INTERPRET" in reason, reason
+        try:
+            route(torch.randn(1, 3, 2, 2), 2, impl="triton")
+        except RuntimeError as e:
+            print("ERROR:", e)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR:" in proc.stdout
+    assert "impl='torch'" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout

@@ -1,0 +1,150 @@
+"""The trainer end to end on CPU: loss goes down, runs are reproducible, resume is exact,
+`accelerate launch` works with and without W&B, bad input gives clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capsfast.config import resolve
+from capsfast.data import MNIST
+from capsfast.train import list_checkpoints, main, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthetic_mnist(n_train=320, n_test=64, seed=0) -> MNIST:
+    """Ten easy classes: a bright 6x6 block whose position encodes the label, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for i, label in enumerate(labels.tolist()):
+            r, c = 3 + 5 * (label // 5) * 2, 2 + 5 * (label % 5)
+            images[i, r : r + 6, c : c + 6] = 255
+        return images, labels
+
+    tx, ty = make(n_train)
+    sx, sy = make(n_test)
+    return MNIST(tx, ty, sx, sy)
+
+
+def small_cfg(tmp_path, **kw):
+    base = dict(
+        batch_size=16,
+        val_size=32,
+        max_steps=6,
+        report_to="none",
+        checkpoint_every=0,
+        log_every=2,
+        output_dir=str(tmp_path),
+        eval_batch_size=64,
+        cpu_threads=2,
+    )
+    return resolve({**base, **kw})
+
+
+def test_training_on_synthetic_data_reduces_the_loss(tmp_path):
+    summary = train(small_cfg(tmp_path, max_steps=None, epochs=3), data=synthetic_mnist())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["train_loss"] < 0.7 * records[0]["train_loss"]
+    assert summary["steps"] == 3 * (288 // 16)
+    assert summary["test_accuracy"] > 0.5  # the classes are easy; chance is 0.1
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "curves.png").is_file()
+
+
+def test_seeded_runs_are_reproducible(tmp_path):
+    data = synthetic_mnist()
+    a = train(small_cfg(tmp_path / "a", seed=7), data=data)
+    b = train(small_cfg(tmp_path / "b", seed=7), data=data)
+    c = train(small_cfg(tmp_path / "c", seed=8), data=data)
+    wa = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    wc = load_file(tmp_path / "c" / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert a["final_train_loss"] == b["final_train_loss"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = synthetic_mnist()
+    full = tmp_path / "full"
+    train(small_cfg(full, max_steps=8, checkpoint_every=4, keep_checkpoints=5), data=data)
+    ckpts = list_checkpoints(full)
+    assert [p.name for p in ckpts] == ["step-00000008", "step-00000004"]
+    # A second run that starts from the step-4 checkpoint and runs to step 8.
+    part = tmp_path / "part"
+    summary = train(small_cfg(part, max_steps=8, resume=str(ckpts[1])), data=data)
+    assert summary["steps"] == 8
+    a = load_file(ckpts[0] / "model.safetensors")
+    b = load_file(list_checkpoints(part)[0] / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_auto_with_nothing_starts_fresh(tmp_path, capsys):
+    summary = train(small_cfg(tmp_path, max_steps=2, resume="auto"), data=synthetic_mnist())
+    assert summary["steps"] == 2
+    assert "no complete checkpoint" in capsys.readouterr().out
+
+
+def test_summary_has_every_key_with_its_meaning(tmp_path):
+    summary = train(small_cfg(tmp_path, max_steps=12, test_size=40), data=synthetic_mnist())
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ["test_accuracy", "test_size", "best_val_accuracy", "final_train_loss", "steps",
+                "epochs", "world_size", "wall_seconds", "images_per_second", "device",
+                "mixed_precision", "routing", "preset", "seed", "config", "commit", "torch",
+                "triton", "peak_memory_gb"]:
+        assert key in summary, key
+    assert summary["test_size"] == 40 and summary["steps"] == 12
+    assert summary["epochs"] == pytest.approx(12 * 16 / 288)
+    assert summary["world_size"] == 1 and summary["device"] == "cpu"
+    assert summary["mixed_precision"] == "no" and summary["routing"] == "torch"
+    assert 0 < summary["images_per_second"] < 10_000
+    assert summary["peak_memory_gb"] is None
+    # stopped by --max-steps mid-epoch: the last validation still ran and was recorded
+    records = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(records[-1])["step"] == 12
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    code = main(["--data-dir", str(tmp_path / "nothing"), "--report-to", "none",
+                 "--output-dir", str(tmp_path / "out"), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "does not exist" in err and "--download" in err and "Traceback" not in err
+
+
+def _launch(args, tmp_path, env_extra=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "launch" / "train.py"), "--batch-size", "8", "--max-steps", "3",
+           "--val-size", "16", "--test-size", "16", "--output-dir", str(tmp_path), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_accelerate_launch_end_to_end_without_tracking(tmp_path):
+    result = _launch(["--report-to", "none"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["test_size"] == 16
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_accelerate_launch_with_wandb_offline(tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": ""}
+    result = _launch(["--report-to", "wandb"], tmp_path, env_extra=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path).rglob("*"))[:20]
+    assert list(runs[0].glob("*.wandb")), "the offline run holds no data"
