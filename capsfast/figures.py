@@ -77,9 +77,10 @@ def perturb_capsule(
     was_training = net.training
     net.eval()
     try:
-        device = next(net.parameters()).device
-        x = as_float_images(image.reshape(1, 1, *image.shape[-2:])).to(device)
-        poses = net.encode(x).float()  # [1, J, D]
+        param = next(net.parameters())
+        x = as_float_images(image.reshape(1, 1, *image.shape[-2:])).to(param.device, param.dtype)
+        poses = net.encode(x)  # [1, J, D]
+        device = param.device
         label = int(poses.norm(dim=-1).argmax(1))
         J, D = poses.shape[1:]
         d = torch.tensor(deltas, dtype=poses.dtype, device=device)

@@ -214,14 +214,19 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256)
     net = unwrap(model)
     was_training = net.training
     net.eval()
-    device = next(net.parameters()).device
+    param = next(net.parameters())
+    device, dtype = param.device, param.dtype  # fp32 normally; bf16/fp16 weights work too
     parts = []
     try:
         for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size].to(device, torch.float32)
+            x = images[i : i + batch_size].to(device, dtype)
             out = net(x)
             parts.append(
-                (out.lengths.float().cpu(), out.poses.float().cpu(), out.reconstructions.cpu())
+                (
+                    out.lengths.float().cpu(),
+                    out.poses.float().cpu(),
+                    out.reconstructions.float().cpu(),
+                )
             )
     finally:
         net.train(was_training)
@@ -333,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
 
     try:
         device = choose_device(args.device)

@@ -71,7 +71,8 @@ def init_tracking(accelerator, config: dict, project: str, run_dir: str, run_nam
             accelerator.trackers.clear()
         except AttributeError:
             pass
-        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": kwargs})
+        offline = {**kwargs, "mode": "offline"}  # the env var alone is read too late here
+        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": offline})
     return True
 
 

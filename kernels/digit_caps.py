@@ -16,19 +16,21 @@ device memory sees only u, W, v, du, dW and a few [B, J, D] tensors. The recurre
         dL/du_hat[i,j] = sum_t c_t[i,j] G_t[j] + P_t[i,j] V_{t-1}[j]      # last pass
     backward (detach_inner): dL/du_hat = c_T G_T
     then du[b,i,k] = sum_{j,d} W[i,j,d,k] dL/du_hat[b,i,j,d]   (on chip, per sample)
-         dW[i,j,d,k] = sum_b dL/du_hat[b,i,j,d] u[b,i,k]       (fp32, per program's sample block)
+         dW[i,j,d,k] = sum_b dL/du_hat[b,i,j,d] u[b,i,k]       (fp32 registers, whole batch)
          dbeta = sum_{b,t} G_t  (detach_inner: sum_b G_T)
 
 (The logit term of dL/du_hat is ROUTING.md's sum_{t<T} Bbar_t v_t regrouped: b_{t-1} = <u_hat,
 V_{t-1}>, so P_t V_{t-1} summed over t is the same sum, computed in one forward sweep over t.)
 
-Grid of every pass: (i-slice, sample block). A program owns I_PER_PROG input capsules and BLOCK_B
-samples; it walks its i-slice in chunks of BLOCK_I, loads each chunk of W once and applies it to
-all BLOCK_B samples at once, so W is read once per sample block per pass (not once per sample).
-The [J, D] sums over i are written per i-slice to a partials buffer [n_slices, B, J, D] and summed
-in a fixed order by a small finishing kernel: deterministic, no atomics. dW goes the same way:
-each program writes its i-slice of dW summed over its sample block, in fp32, to
-[n_sample_blocks, I, J, D, Din], and a row-sum kernel adds the sample blocks.
+Grid of the routing passes (forward t = 1..T, backward t = T..2): (i-slice, sample block). A
+program owns I_PER_PROG input capsules and BLOCK_B samples; it walks its i-slice in chunks of
+BLOCK_I, loads each chunk of W once and applies it to all BLOCK_B samples at once, so W is read
+once per sample block per pass (not once per sample). The [J, D] sums over i are written per
+i-slice to a partials buffer [n_slices, B, J, D] and summed in a fixed order by a small
+finishing kernel (one program per block of samples): deterministic, no atomics.
+Grid of the last backward pass: (i-slice,). There is no sum over i left (du is per (b, i)), only
+dW's sum over the batch, so a program owns an i-slice and walks every sample block for each
+chunk, accumulating the chunk's dW in fp32 registers and writing it once: no partials for dW.
 
 All arithmetic is fp32 whatever the input dtypes (loads are upcast); v comes back in u's dtype,
 du in u's, dW in W's and dbeta in bias's dtype, so an fp32 master W works with bf16/fp16 u.
@@ -46,6 +48,8 @@ under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -386,31 +390,45 @@ def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
     """Launch geometry. A tile is [BLOCK_B samples, BLOCK_I inputs, J, D] in registers; a program
     of the routing passes owns I_PER_PROG inputs and one sample block; a program of the last
     backward pass owns I_PER_PROG_FINAL inputs and every sample.
-    CAPSFAST_FUSED_TILES="block_b,block_i,i_per_prog" overrides it (tests use it to force several
-    sample blocks, slices and chunks)."""
+    CAPSFAST_FUSED_TILES overrides the choice (tests use it): "block_b,block_i,i_per_prog" sets
+    the tiles, "gpu:<SMs>" picks the GPU geometry for a device with that many SMs."""
     JP, DP = triton.next_power_of_2(J), triton.next_power_of_2(D)
-    override = os.environ.get("CAPSFAST_FUSED_TILES")
+    override = os.environ.get("CAPSFAST_FUSED_TILES", "")
+    if override.startswith("gpu:"):
+        return _gpu_tiles(B, I, JP, DP, sms=int(override[4:]))
     if override:
         block_b, block_i, i_per_prog = (int(x) for x in override.split(","))
-        i_per_prog_final = i_per_prog
+        block_b_final, i_per_prog_final = block_b, i_per_prog
     elif _interpreting():
         # The interpreter pays per operation, not per element: few, large tiles.
-        block_b = min(triton.next_power_of_2(B), 16)
+        block_b = block_b_final = min(triton.next_power_of_2(B), 16)
         block_i = min(triton.next_power_of_2(I), max(1, 2**15 // (block_b * JP * DP)))
         i_per_prog = i_per_prog_final = block_i
     else:
-        # GPU (untuned first guess): tiles of about 4k fp32 values per tensor; routing passes
-        # with enough i-slices that slices x sample blocks give ~2 programs per SM, but at most
-        # 32 slices (the [slices, B, J, D] partials then stay small and L2-resident); the last
-        # pass, whose programs walk the whole batch, with ~4 programs per SM.
-        block_b = min(triton.next_power_of_2(B), max(1, min(16, 4096 // (JP * DP))))
-        block_i = min(triton.next_power_of_2(I), max(1, 4096 // (block_b * JP * DP)))
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        n_chunks = triton.cdiv(I, block_i)
-        n_slices = min(n_chunks, max(1, min(32, triton.cdiv(2 * sms, triton.cdiv(B, block_b)))))
-        i_per_prog = triton.cdiv(n_chunks, n_slices) * block_i
-        i_per_prog_final = triton.cdiv(n_chunks, 4 * sms) * block_i
+        return _gpu_tiles(B, I, JP, DP, sms=_sm_count(device))
+    return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_prog_final)
+
+
+def _gpu_tiles(B: int, I: int, JP: int, DP: int, sms: int) -> dict:
+    """GPU geometry (a first guess, not tuned on hardware): tiles of 2048 fp32 values per tensor
+    in the routing passes and 1024 in the last pass (which also holds du_hat and the dW
+    accumulator), the sizes at which ptxas -v for sm_90 shows (next to) no spills at the paper
+    shape with 4 warps. Routing passes: enough i-slices that slices x sample blocks give ~2
+    programs per SM, at most 32 (the [slices, B, J, D] partials stay small and L2-resident).
+    Last pass: its programs walk the whole batch; ~4 programs per SM."""
+    block_b = min(triton.next_power_of_2(B), max(1, min(8, 2048 // (JP * DP))))
+    block_i = min(triton.next_power_of_2(I), max(1, 2048 // (block_b * JP * DP)))
+    n_chunks = triton.cdiv(I, block_i)
+    n_slices = min(n_chunks, max(1, min(32, triton.cdiv(2 * sms, triton.cdiv(B, block_b)))))
+    i_per_prog = triton.cdiv(n_chunks, n_slices) * block_i
+    i_per_prog_final = triton.cdiv(n_chunks, 4 * sms) * block_i
+    block_b_final = max(1, block_b // 2)
+    return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_prog_final)
+
+
+def _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_prog_final):
     block_b = triton.next_power_of_2(block_b)
+    block_b_final = triton.next_power_of_2(block_b_final)
     block_i = triton.next_power_of_2(block_i)
     i_per_prog = triton.cdiv(max(i_per_prog, block_i), block_i) * block_i
     i_per_prog_final = triton.cdiv(max(i_per_prog_final, block_i), block_i) * block_i
@@ -421,15 +439,27 @@ def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
         N_CHUNKS=i_per_prog // block_i,
         n_slices=triton.cdiv(I, i_per_prog),
         n_blocks=triton.cdiv(B, block_b),
+        BLOCK_B_FINAL=block_b_final,
         I_PER_PROG_FINAL=i_per_prog_final,
         n_slices_final=triton.cdiv(I, i_per_prog_final),
+        n_blocks_final=triton.cdiv(B, block_b_final),
         JP=JP,
         DP=DP,
     )
 
 
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _finish_block(B: int, JP: int, DP: int) -> int:
     return max(1, min(triton.next_power_of_2(B), 4096 // (JP * DP)))
+
+
+def _device_of(u: Tensor):
+    """Launch on u's GPU even when another one is current."""
+    return torch.cuda.device(u.device) if u.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_device(u: Tensor) -> None:
@@ -505,11 +535,16 @@ def _backward(grad_v, u, W, bias, s_all, Vprev, T: int, detach_inner: bool):
 
     du = _buffer(u.shape, u.dtype, dev)
     dW = _buffer(W.shape, W.dtype, dev)
+    # The dW accumulator [BLOCK_I, J, D, Din] lives in registers: more warps when it is large.
+    KP = triton.next_power_of_2(K)
+    acc = g["BLOCK_I"] * g["JP"] * g["DP"] * KP
+    num_warps = min(16, max(4, triton.next_power_of_2(acc // 1024)))
     _pose_grad_kernel[(g["n_slices_final"],)](
         u, W, Vprev, G, du, dW, B, I, J, D, g["I_PER_PROG_FINAL"],
-        g["I_PER_PROG_FINAL"] // g["BLOCK_I"], g["n_blocks"],
+        g["I_PER_PROG_FINAL"] // g["BLOCK_I"], g["n_blocks_final"],
         T=T, TAU0=T - 1 if detach_inner else 0, DETACH=detach_inner, K=K,
-        KP=triton.next_power_of_2(K), **tiles,
+        KP=KP, BLOCK_B=g["BLOCK_B_FINAL"], BLOCK_I=g["BLOCK_I"], JP=g["JP"], DP=g["DP"],
+        num_warps=num_warps,
     )  # fmt: skip
     if bias is not None:
         rows = G[T - 1] if detach_inner else G
@@ -530,7 +565,8 @@ def _digit_caps_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (v [B, J, D] in u's dtype, s_all [T, B, J, D] fp32, Vprev_all [T, B, J, D] fp32);
     the last two are saved for backward and are not differentiable."""
-    return _forward(u, W, bias, iterations)
+    with _device_of(u):
+        return _forward(u, W, bias, iterations)
 
 
 @_digit_caps_op.register_fake
@@ -552,7 +588,8 @@ def _digit_caps_backward_op(
     detach_inner: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (du in u's dtype, dW in W's dtype, dbias in bias's dtype; fp32 zeros if no bias)."""
-    return _backward(grad_v, u, W, bias, s_all, Vprev, iterations, detach_inner)
+    with _device_of(u):
+        return _backward(grad_v, u, W, bias, s_all, Vprev, iterations, detach_inner)
 
 
 @_digit_caps_backward_op.register_fake

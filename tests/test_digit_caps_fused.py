@@ -132,6 +132,7 @@ SHAPES = [  # (B, I, J, D, Din), each with both gradient modes
     (1, 37, 7, 5, 3),  # B = 1
     (3, 1, 3, 1, 2),  # I = 1, D = 1
     (2, 9, 32, 32, 5),  # J = D = 32, the largest
+    (20, 11, 3, 4, 2),  # B = 20: more than one sample block with the default tiles
 ]
 SHAPE_CASES = [(shape, detach) for shape in SHAPES for detach in (False, True)]
 SHAPE_CASES.append(((1, *PAPER.values()), False))  # the paper shape at B = 1 (once: it is slow)
@@ -172,6 +173,40 @@ def test_several_slices_blocks_and_chunks(monkeypatch, detach_inner):
     monkeypatch.setenv("CAPSFAST_FUSED_TILES", "4,8,16")
     args = make_inputs(6, **ODD, u_dtype=torch.float32, w_dtype=torch.float32, bias=True, seed=5)
     check_against_reference(*args, 4, detach_inner)
+
+
+@pytest.mark.parametrize(
+    "shape, sms", [((20, 37, 7, 5, 3), 2), ((9, 9, 32, 32, 5), 2), ((2, 150, 10, 16, 8), 4)]
+)
+def test_gpu_geometry(monkeypatch, shape, sms):
+    """The launch geometry chosen for a GPU (here for a device with `sms` SMs, so that the small
+    shapes still get several slices, chunks and sample blocks), run under the interpreter on CPU
+    machines: the CUDA heuristic itself is covered, not only the interpreter's big tiles."""
+    import triton
+    from capsfast.kernels.digit_caps import _gpu_tiles
+
+    B, I, J, D, Din = shape
+    geometry = _gpu_tiles(B, I, triton.next_power_of_2(J), triton.next_power_of_2(D), sms=sms)
+    assert geometry["n_slices"] * geometry["n_blocks"] > 1 and geometry["n_slices_final"] > 1
+    monkeypatch.setenv("CAPSFAST_FUSED_TILES", f"gpu:{sms}")
+    args = make_inputs(
+        B, I, J, D, Din, u_dtype=torch.bfloat16, w_dtype=torch.float32, bias=True, seed=9
+    )
+    check_against_reference(*args, 3, False)
+
+
+def test_deterministic(monkeypatch):
+    """Partials are summed in a fixed order and no atomics are used: two runs agree bitwise."""
+    monkeypatch.setenv("CAPSFAST_FUSED_TILES", "4,8,16")
+    u, W, beta, grad_v = make_inputs(
+        6, **ODD, u_dtype=torch.float32, w_dtype=torch.float32, bias=True, seed=8
+    )
+    runs = []
+    for _ in range(2):
+        v = digit_caps(u, W, 3, bias=beta, impl="fused")
+        runs.append((v, *torch.autograd.grad(v, [u, W, beta], grad_v)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_non_contiguous_inputs():

@@ -67,6 +67,9 @@ def test_perturbation_tensor(model, test_set):
     # Moving a dimension changes the picture, more the further it moves.
     change = (recon - recon[:, 5:6]).abs().mean((2, 3))  # [16, 11]
     assert float(change[:, 0].min()) > 0 and float(change[:, -1].min()) > 0
+    # Each row moves its own dimension: rows differ from one another.
+    rows = recon[:, 0].flatten(1)
+    assert float(torch.cdist(rows, rows).add(torch.eye(16) * 1e9).min()) > 1e-3
     assert int((change[:, 0] > change[:, 4]).sum()) >= 12
     assert int((change[:, 10] > change[:, 6]).sum()) >= 12
 

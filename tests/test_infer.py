@@ -290,3 +290,14 @@ def test_predict_cli_text_output_and_reconstructions(tmp_path, trained_model_dir
 def test_predict_cli_bad_model_dir(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "x.png"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_inference_modules_import_light():
+    """infer, figures and app import neither gradio, matplotlib nor wandb until used."""
+    code = (
+        "import sys, capsfast, capsfast.infer, capsfast.figures, capsfast.app; "
+        "print([m for m in ('gradio', 'matplotlib', 'wandb') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,136 @@
+"""Record runs: train a preset for seeds 0..N-1, each in a fresh process as a user starts it, and
+keep one JSON log per run.
+
+    python bench/record.py --preset fast --seeds 5 [trainer flags, passed through]
+
+Each log (in --out, default bench/results/records/) holds every key of the run's summary.json at
+top level (wall_seconds is the trainer's own, up to the end of the test evaluation), plus
+`metrics` (metrics.jsonl, one record per epoch), `date`, `compile_cache_warm` (was the inductor
+cache directory non-empty before the run: a warm cache hides compile time), `command` and
+`process_seconds` (the whole process as seen from here, launcher included). That directory holds
+logs only; tables come from `python bench/report.py --records DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: report.py is beside it
+from report import stats_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OWNED = ("--seed", "--output-dir", "--preset")  # record.py sets these for every run
+
+
+def commit() -> str:
+    """CAPSFAST_COMMIT (for copies without .git), else git, else "unknown"."""
+    if os.environ.get("CAPSFAST_COMMIT"):
+        return os.environ["CAPSFAST_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor caches compiled code: TORCHINDUCTOR_CACHE_DIR, else torch's default
+    <tmp>/torchinductor_<user>."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    return Path(tempfile.gettempdir()) / f"torchinductor_{user}"
+
+
+def is_warm(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # else the trainer's --seed would be taken for an abbreviated --seeds
+        description="Train a preset for seeds 0..N-1 in fresh processes; one JSON log per run.",
+        epilog="Unknown flags go to launch/train.py (e.g. --epochs 2 --report-to none).",
+    )
+    parser.add_argument("--preset", default="fast", choices=["paper", "seed", "fast"])
+    parser.add_argument("--seeds", type=int, default=5, help="run seeds 0..N-1")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/records"), help="log directory")
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs/record"), help="trainer outputs")
+    parser.add_argument(
+        "--launcher",
+        default="accelerate",
+        choices=["accelerate", "python"],
+        help="accelerate: `accelerate launch launch/train.py`; python: `python launch/train.py`",
+    )
+    args, passthrough = parser.parse_known_args(argv)
+    for flag in passthrough:
+        if flag.split("=")[0] in OWNED:
+            parser.error(f"{flag.split('=')[0]} is set by record.py for each run")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    return args, passthrough
+
+
+def record_run(args, passthrough: list[str], seed: int, sha: str) -> dict:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = Path(args.runs_dir) / f"{args.preset}-seed{seed}-{stamp}"
+    launcher = ["accelerate", "launch"] if args.launcher == "accelerate" else [sys.executable, "-u"]
+    command = [
+        *launcher,
+        "launch/train.py",
+        *("--preset", args.preset, "--seed", str(seed), "--output-dir", str(run_dir)),
+        *passthrough,
+    ]
+    cache = compile_cache_dir()
+    warm = is_warm(cache)
+    print(f"record: seed {seed}: compile cache {'warm' if warm else 'cold'} ({cache})", flush=True)
+    print("record: " + " ".join(command), flush=True)
+    t0 = time.time()
+    # The trainer records CAPSFAST_COMMIT, so a copy without .git still names its commit.
+    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "CAPSFAST_COMMIT": sha})
+    seconds = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"record: seed {seed} failed with exit code {proc.returncode}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {
+        **summary,
+        "metrics": [json.loads(line) for line in lines if line.strip()],
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "compile_cache_warm": warm,
+        "command": command,
+        "process_seconds": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, passthrough = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sha = commit()
+    records = []
+    for seed in range(args.seeds):
+        rec = record_run(args, passthrough, seed, sha)
+        path = out / f"{args.preset}_seed{seed}_{rec['date'].replace(':', '')}.json"
+        path.write_text(json.dumps(rec, indent=2) + "\n")
+        print(f"record: wrote {path}", flush=True)
+        records.append(rec)
+    print(f"\n{args.preset}: {len(records)} seed(s), commit {sha}, {records[0]['device']}")
+    print(stats_table(records), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

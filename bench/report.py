@@ -1,0 +1,208 @@
+"""Turn results into README tables and a chart.
+
+    python bench/report.py bench/results/cpu/*.json --markdown OUT.md --chart OUT.png
+    python bench/report.py --records bench/results/records --markdown OUT.md
+
+Benchmark JSONs are pytest-benchmark's `--benchmark-json` files written by bench/; every row's
+speedup is the baseline's median over its own, within its benchmark group (same device, subject,
+batch and, for routing, dtype). Record logs are bench/record.py's one-JSON-per-run files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+# --------------------------------------------------------------------------- benchmarks
+def load_benchmarks(paths) -> list[dict]:
+    """One row per benchmark that ran timed, with the speedup over its group's baseline."""
+    rows = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        run = data.get("machine_info", {}).get("capsfast", {})
+        for b in data.get("benchmarks", []):
+            info = b.get("extra_info", {})
+            if "impl" not in info:
+                continue  # not one of ours
+            rows.append(
+                {
+                    "file": str(path),
+                    "device": info.get("device", run.get("device", "?")),
+                    "commit": info.get("commit", run.get("commit", "unknown")),
+                    "group": b["group"],
+                    "subject": info["subject"],
+                    "impl": info["impl"],
+                    "dtype": info["dtype"],
+                    "batch": info["batch"],
+                    "baseline": bool(info.get("baseline")),
+                    "median": b["stats"]["median"],
+                    "images_per_second": info.get("images_per_second"),
+                    "gb_per_second": info.get("gb_per_second"),
+                    "tflop_per_second": info.get("tflop_per_second"),
+                    "peak_memory_gb": info.get("peak_memory_gb"),
+                }
+            )
+    base = {(r["file"], r["group"]): r["median"] for r in rows if r["baseline"]}
+    for r in rows:
+        b = base.get((r["file"], r["group"]))
+        r["speedup"] = b / r["median"] if b else None
+    return rows
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def _rate(r: dict) -> str:
+    if r["images_per_second"] is not None:
+        text = f"{r['images_per_second']:,.0f} img/s"
+        if r["tflop_per_second"] is not None:
+            text += f" ({r['tflop_per_second']:.3g} TFLOP/s)"
+        return text
+    if r["gb_per_second"] is not None:
+        return f"{r['gb_per_second']:.3g} GB/s"
+    return ""
+
+
+def benchmark_table(rows: list[dict]) -> str:
+    head = "| device | subject | impl | dtype | batch | median | throughput | speedup |"
+    lines = [head, "|---|---|---|---|---:|---:|---:|---:|"]
+    subjects = list(dict.fromkeys(r["subject"] for r in rows))  # order of first appearance
+    key = lambda r: (r["device"], subjects.index(r["subject"]), r["batch"], r["dtype"], r["group"])
+    for r in sorted(rows, key=lambda r: (*key(r), not r["baseline"], r["median"])):
+        speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        lines.append(
+            f"| {r['device']} | {r['subject']} | {r['impl']} | {r['dtype']} | {r['batch']} | "
+            f"{_time(r['median'])} | {_rate(r)} | {speedup} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def speedup_chart(rows: list[dict], out: Path) -> None:
+    """One panel per (device, subject): bars = paths, grouped by batch size; 1.0 = eager."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = defaultdict(list)
+    for r in rows:
+        if r["speedup"] is not None and not r["baseline"]:
+            panels[(r["device"], r["subject"])].append(r)
+    if not panels:
+        raise SystemExit("report.py: no benchmark with a baseline to chart")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), squeeze=False)
+    for ax, ((device, subject), rs) in zip(axes[:, 0], panels.items(), strict=True):
+        batches = sorted({r["batch"] for r in rs})
+        paths = list(dict.fromkeys(f"{r['impl']} {r['dtype']}" for r in rs))
+        width = 0.8 / len(paths)
+        for k, path in enumerate(paths):
+            xs, ys = [], []
+            for r in rs:
+                if f"{r['impl']} {r['dtype']}" == path:
+                    xs.append(batches.index(r["batch"]) + (k - (len(paths) - 1) / 2) * width)
+                    ys.append(r["speedup"])
+            ax.bar(xs, ys, width, label=path)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_ylabel("speedup over eager")
+        ax.set_title(f"{subject} on {device}", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- records
+def load_records(directory) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
+
+
+def spread(values: list[float]) -> dict:
+    """mean, std (sample; 0 for one value), min, max, n."""
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def stats_table(records: list[dict], metrics=("test_accuracy", "wall_seconds")) -> str:
+    """Mean, std, min and max over runs (seeds) of each metric, as a markdown table."""
+    lines = ["| metric | n | mean | std | min | max |", "|---|---:|---:|---:|---:|---:|"]
+    for m in metrics:
+        values = [r[m] for r in records if r.get(m) is not None]
+        if values:
+            s = spread(values)
+            lines.append(
+                f"| {m} | {s['n']} | {s['mean']:.4g} | {s['std']:.2g} | {s['min']:.4g} | "
+                f"{s['max']:.4g} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def records_table(records: list[dict]) -> str:
+    """README's records table: one row per (preset, device, precision, routing, world size)."""
+    groups = defaultdict(list)
+    for r in records:
+        key = (r["preset"], r["device"], r["mixed_precision"], r["routing"], r["world_size"])
+        groups[key].append(r)
+    lines = [
+        "| preset | device | precision | routing | processes | seeds | test accuracy: mean ± std "
+        "(min–max) | wall s: mean ± std (min–max) | commit |",
+        "|---|---|---|---|---:|---:|---|---|---|",
+    ]
+    for (preset, device, mp, routing, world), rs in sorted(groups.items(), key=str):
+        acc = spread([r["test_accuracy"] for r in rs])
+        wall = spread([r["wall_seconds"] for r in rs])
+        commits = ", ".join(sorted({r["commit"] for r in rs}))
+        lines.append(
+            f"| {preset} | {device} | {mp} | {routing} | {world} | {len(rs)} | "
+            f"{100 * acc['mean']:.2f}% ± {100 * acc['std']:.2f} ({100 * acc['min']:.2f}–"
+            f"{100 * acc['max']:.2f}) | {wall['mean']:.1f} ± {wall['std']:.1f} "
+            f"({wall['min']:.1f}–{wall['max']:.1f}) | {commits} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="*", help="pytest-benchmark JSON files from bench/")
+    parser.add_argument("--records", help="directory of bench/record.py run logs")
+    parser.add_argument("--markdown", help="write the table(s) here (default: print)")
+    parser.add_argument("--chart", help="PNG of each path's speedup over the eager baseline")
+    args = parser.parse_args(argv)
+    if not args.results and not args.records:
+        parser.error("give benchmark JSON files and/or --records DIR")
+
+    parts = []
+    if args.results:
+        rows = load_benchmarks(args.results)
+        if not rows:
+            parser.error("no timed capsfast benchmarks in those files (run with --benchmark-only)")
+        parts.append(benchmark_table(rows))
+        if args.chart:
+            speedup_chart(rows, Path(args.chart))
+    if args.records:
+        records = load_records(args.records)
+        if not records:
+            parser.error(f"no record logs (*.json) in {args.records}")
+        parts.append(records_table(records))
+    text = "\n".join(parts)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

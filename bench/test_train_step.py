@@ -1,0 +1,81 @@
+"""One optimiser step of the whole model (forward, both losses, backward, Adam), as the trainer runs
+it, on a fixed batch of real MNIST images. Data loading is excluded (bench/test_data.py).
+
+Variants are mode-dtype-routing; the baseline is eager fp32 with the torch reference routing.
+bf16 is autocast around the forward with fp32 master weights (what Accelerate's AMP does).
+Achieved TFLOP/s uses SPEC.md's ~1.2 GFLOP per sample forward+backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.common import (
+    FLOP_TRAIN,
+    ON_CUDA,
+    compile_fn,
+    describe,
+    finish,
+    new_model,
+    timed,
+    train_step,
+    variant_setup,
+)
+from capsfast.data import to_float
+
+BASELINE = "eager-fp32-torch"
+VARIANTS = (
+    BASELINE,
+    "eager-bf16-torch",
+    "eager-bf16-triton",
+    "eager-bf16-fused",
+    "compiled-fp32-torch",
+    "compiled-bf16-torch",
+    "compiled-bf16-triton",
+    "compiled-bf16-fused",
+)
+BATCHES = (128, 256, 512) if ON_CUDA else (8, 32)  # 256: the peak-memory target
+TINY_BATCH = 2
+ROUNDS = {"rounds": 20, "warmup_rounds": 3} if ON_CUDA else {"rounds": 10, "warmup_rounds": 2}
+# The first step's capsules against eager fp32 on the same weights, relative to their largest
+# value: fp32 differs by summation order (and TF32 convolutions, cuDNN's default on CUDA); bf16 by
+# autocast rounding (a few ulps of 2^-8 through the network).
+TOL = {"fp32": 1e-3 if ON_CUDA else 1e-4, "bf16": 5e-2}
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_step(benchmark, mnist, variant, batch):
+    compiled, dtype, routing = variant_setup(benchmark, variant, batch, BATCHES)
+    B = TINY_BATCH if benchmark.disabled else batch
+    x, y = to_float(mnist.train_images[:B]), mnist.train_labels[:B]
+
+    model = new_model("torch")
+    with torch.no_grad():
+        want = model(x, y).poses  # eager fp32 reference, same weights
+    model.set_routing(routing)
+    net = compile_fn(model, benchmark) if compiled else model
+    step = train_step(model, net, dtype)
+    W0 = model.digit.W.detach().clone()
+    results = []  # (loss, poses) of every call
+
+    describe(
+        benchmark,
+        group=f"train_step B={batch}",
+        subject="train_step",
+        impl=f"{'compiled' if compiled else 'eager'}/{routing}",
+        dtype=dtype,
+        batch=B,
+        baseline=variant == BASELINE,
+    )
+    timed(benchmark, lambda: results.append(step(x, y)), **ROUNDS)
+    finish(benchmark, images=B, flops=FLOP_TRAIN * B)
+
+    losses = torch.stack([loss for loss, _ in results]).float().cpu()
+    assert torch.isfinite(losses).all(), f"non-finite loss: {losses.tolist()}"
+    got, tol = results[0][1].float(), TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    assert not torch.equal(model.digit.W.detach(), W0), "the step did not update W"
+    if len(losses) >= 3:  # repeated steps on one batch must fit it
+        assert losses[-1] < losses[0], f"loss did not go down: {losses.tolist()}"

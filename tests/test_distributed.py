@@ -1,0 +1,75 @@
+"""Data parallelism over a real 2-process gloo group on CPU, launched as users launch it:
+k steps with 2 processes at global batch G equal k steps with 1 process at batch G.
+
+(`accelerate.debug_launcher` forks; after torch has run in the pytest process the forked workers
+can hang in OpenMP, so the workers here are fresh processes from `accelerate launch`.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from capsfast.data import load_mnist, to_float
+from capsfast.export import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, BATCH, TEST = 4, 16, 37  # 37 test images: the two ranks get unequal shards
+FLAGS = ["--max-steps", str(STEPS), "--batch-size", str(BATCH), "--val-size", "64",
+         "--test-size", str(TEST), "--report-to", "none", "--checkpoint-every", str(STEPS)]
+
+
+def launch(out, processes, extra_launcher=(), env_extra=None):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", **(env_extra or {})}
+    multi = ["--multi_gpu"] if processes > 1 and "--cpu" not in extra_launcher else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, *extra_launcher,
+           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(ROOT / "launch" / "train.py"), *FLAGS,
+           "--output-dir", str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = launch(one, 1)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = launch(two, 2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    s1 = json.loads((one / "summary.json").read_text())
+    s2 = json.loads((two / "summary.json").read_text())
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert s1["steps"] == s2["steps"] == STEPS
+
+    a = load_file(one / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+    b = load_file(two / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert abs(s2["final_train_loss"] - s1["final_train_loss"]) < 1e-5
+
+    # Evaluation over 2 ranks counts every test image exactly once: the 2-process test
+    # accuracy is exactly what one process computes for the same exported model.
+    mnist = load_mnist()
+    model = load_model(two / "model")
+    with torch.no_grad():
+        pred = model(to_float(mnist.test_images[:TEST])).lengths.argmax(1)
+    expected = (pred == mnist.test_labels[:TEST]).sum().item() / TEST
+    assert s2["test_size"] == TEST
+    assert s2["test_accuracy"] == expected
+
+    # Only the main process writes: one metrics line (the end-of-run validation), one summary.
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 1
+    assert r2.stdout.count("capsfast: test accuracy") == 1
+
+
+def test_asked_for_two_processes_but_got_one_is_an_error(tmp_path):
+    # `accelerate launch --cpu --num_processes 2` silently starts ONE process: refuse to train.
+    result = launch(tmp_path, 2, extra_launcher=["--cpu"])
+    assert result.returncode != 0
+    assert "world size 1" in result.stderr and "--multi_gpu" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "summary.json").exists()

@@ -1,0 +1,168 @@
+"""Runs that are killed, stopped, corrupted or poisoned: no work lost, clear messages.
+
+Every run here is a fresh `python launch/train.py` process on real MNIST, as a user starts it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capsfast.checkpoint import list_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 12
+FLAGS = ["--batch-size", "16", "--max-steps", str(STEPS), "--val-size", "64", "--test-size",
+         "32", "--report-to", "none", "--checkpoint-every", "4", "--log-every", "2",
+         "--keep-checkpoints", "5", "--cpu-threads", "2"]
+
+
+def start(out, *extra):
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *FLAGS, "--output-dir", str(out),
+           *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def run(out, *extra, timeout=300):
+    p = start(out, *extra)
+    stdout, stderr = p.communicate(timeout=timeout)
+    return p.returncode, stdout, stderr
+
+
+def wait_for_checkpoint(out, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(p.name == f"step-{step:08d}" for p in list_checkpoints(out)):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint step {step} in {out}")
+
+
+def final_weights(out):
+    return load_file(list_checkpoints(out)[0] / "model.safetensors")
+
+
+def assert_same_run(a, b):
+    wa, wb = final_weights(a), final_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7, msg=k)
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    assert sa["steps"] == sb["steps"] == STEPS
+    assert sa["test_accuracy"] == sb["test_accuracy"]
+    assert sa["best_val_accuracy"] == sb["best_val_accuracy"]
+    assert sa["final_train_loss"] == pytest.approx(sb["final_train_loss"], rel=1e-5)
+    ra = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val_accuracy"]) for r in ra] == [(r["step"], r["val_accuracy"]) for r in rb]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    code, _, err = run(out)
+    assert code == 0, err[-2000:]
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_auto(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = start(out)
+    wait_for_checkpoint(out, 8, proc)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    # A crash while writing leaves a .tmp- directory; resume must never pick it up.
+    (out / "checkpoints" / ".tmp-step-00000010").mkdir()
+    code, stdout, err = run(out, "--resume", "auto")
+    assert code == 0, err[-2000:]
+    assert "resumed from" in stdout and "step-00000008" in stdout
+    assert_same_run(uninterrupted, out)
+
+
+def test_sigterm_saves_at_the_next_step_and_says_how_to_resume(uninterrupted, tmp_path):
+    out = tmp_path / "terminated"
+    proc = start(out)
+    wait_for_checkpoint(out, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-2000:]
+    assert "--resume auto" in stdout
+    stopped_at = list_checkpoints(out)[0]
+    assert 4 < int(stopped_at.name.split("-")[1]) < STEPS  # saved at a later step boundary
+    assert not (out / "summary.json").exists()
+    code, _, err = run(out, "--resume", "auto")
+    assert code == 0, err[-2000:]
+    assert_same_run(uninterrupted, out)
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path):
+    out = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    for p in list_checkpoints(out)[:2]:  # drop steps 12 and 8; corrupt 4 is then skipped too
+        shutil.rmtree(p)
+    newest = list_checkpoints(out)[0]
+    assert newest.name == "step-00000004"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # half-written
+    code, stdout, err = run(out, "--resume", "auto")
+    assert code == 0, err[-2000:]
+    assert "skipping unreadable checkpoint" in stdout and "step-00000004" in stdout
+    assert "no complete checkpoint" in stdout  # nothing else left: a fresh start
+    assert_same_run(uninterrupted, out)
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(uninterrupted, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    code, _, err = run(out, "--resume", "auto", "--routing-iters", "2")
+    assert code == 2
+    assert "different model" in err and "routing_iters" in err and "--routing-iters" in err
+    assert "Traceback" not in err
+
+
+def test_nonfinite_loss_stops_naming_the_steps_and_saves_the_last_good_state(tmp_path):
+    out = tmp_path / "nan"
+    code, _, err = run(out, "--lr", "1e30", "--checkpoint-every", "0")
+    assert code == 2
+    assert "non-finite loss at step" in err and "--skip-nonfinite" in err
+    assert "Traceback" not in err
+    saved = list_checkpoints(out)
+    assert len(saved) == 1
+    weights = load_file(saved[0] / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    good_step = int(saved[0].name.split("-")[1])
+    assert f"(step {good_step})" in err
+
+
+def test_skip_nonfinite_counts_skips_and_finishes(tmp_path):
+    out = tmp_path / "skip"
+    code, _, err = run(out, "--lr", "1e30", "--checkpoint-every", "0", "--skip-nonfinite")
+    assert code == 0, err[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["skipped_steps"] > 0
+
+
+def test_unreachable_wandb_falls_back_to_offline_quickly(tmp_path):
+    out = tmp_path / "wandb"
+    env = {**os.environ, "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
+           "WANDB_SILENT": "true"}
+    env.pop("WANDB_MODE", None)
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--batch-size", "8", "--max-steps",
+           "2", "--val-size", "16", "--test-size", "16", "--output-dir", str(out),
+           "--report-to", "wandb"]
+    t = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "logging offline" in p.stdout + p.stderr
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert time.time() - t < 120

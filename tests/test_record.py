@@ -1,0 +1,143 @@
+"""bench/record.py (fresh-process record runs, one JSON log each) and bench/report.py (README
+tables and chart), end to end on CPU with tiny runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from bench.report import benchmark_table, load_benchmarks, spread
+from bench.report import main as report_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY_KEYS = {
+    "test_accuracy", "test_size", "best_val_accuracy", "final_train_loss", "steps", "epochs",
+    "world_size", "wall_seconds", "images_per_second", "device", "mixed_precision", "routing",
+    "preset", "seed", "config", "commit", "torch", "triton", "peak_memory_gb", "skipped_steps",
+}  # fmt: skip
+TINY = ["--max-steps", "3", "--batch-size", "8", "--val-size", "16", "--test-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Two seeds of a tiny `fast` run through `accelerate launch`, as a user would record them."""
+    tmp = tmp_path_factory.mktemp("record")
+    out, runs = tmp / "records", tmp / "runs"
+    cmd = [sys.executable, "bench/record.py", "--preset", "fast", "--seeds", "2", "--out", str(out)]
+    cmd += ["--runs-dir", str(runs), *TINY, "--report-to", "none", "--cpu-threads", "2"]
+    env = {**os.environ, "CAPSFAST_COMMIT": "abc1234", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = sorted(out.glob("*.json"))
+    return proc.stdout, [json.loads(p.read_text()) for p in logs], out, runs
+
+
+def test_record_writes_one_well_formed_log_per_seed(recorded):
+    _, records, out, runs = recorded
+    assert sorted(r["seed"] for r in records) == [0, 1]
+    assert len(list(out.iterdir())) == 2, "the log directory holds the run logs and nothing else"
+    for r in records:
+        assert SUMMARY_KEYS <= set(r), f"missing summary keys {SUMMARY_KEYS - set(r)}"
+        assert r["preset"] == "fast" and r["steps"] == 3 and r["test_size"] == 16
+        assert r["commit"] == "abc1234"  # from CAPSFAST_COMMIT, as on a copy without .git
+        assert isinstance(r["compile_cache_warm"], bool)
+        datetime.strptime(r["date"], "%Y-%m-%dT%H:%M:%SZ")
+        assert r["metrics"] and all("val_accuracy" in m and "step" in m for m in r["metrics"])
+        assert r["metrics"][-1]["step"] == 3
+        # The log is the run's summary.json plus metrics, not a second measurement.
+        (run_dir,) = runs.glob(f"fast-seed{r['seed']}-*")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert {k: r[k] for k in summary} == summary
+        assert 0 < r["wall_seconds"] <= r["process_seconds"]
+
+
+def test_record_prints_the_spread_over_seeds(recorded):
+    stdout, records, _, _ = recorded
+    for metric in ("test_accuracy", "wall_seconds"):
+        s = spread([r[metric] for r in records])
+        row = re.search(
+            rf"^\| {metric} \| (\d+) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \|$", stdout, re.M
+        )
+        assert row, f"no {metric} row in:\n{stdout}"
+        n, mean, std, lo, hi = row.groups()
+        assert int(n) == 2
+        assert float(mean) == pytest.approx(s["mean"], rel=1e-3)
+        assert float(std) == pytest.approx(s["std"], rel=1e-1, abs=1e-9)
+        assert (float(lo), float(hi)) == pytest.approx((s["min"], s["max"]), rel=1e-3)
+
+
+def test_record_refuses_flags_it_owns():
+    proc = subprocess.run(
+        [sys.executable, "bench/record.py", "--seeds", "1", "--seed", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,  # a refusal, not a training run
+    )
+    assert proc.returncode == 2 and "--seed is set by record.py" in proc.stderr
+
+
+def test_report_renders_the_records_table(recorded, tmp_path):
+    _, records, out, _ = recorded
+    md = tmp_path / "records.md"
+    assert report_main(["--records", str(out), "--markdown", str(md)]) == 0
+    lines = md.read_text().splitlines()
+    assert len(lines) == 3, "header, rule, one row: both seeds share preset, device, precision"
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    acc = spread([r["test_accuracy"] for r in records])
+    assert cells[:6] == ["fast", records[0]["device"], "no", "torch", "1", "2"]
+    assert cells[6].startswith(f"{100 * acc['mean']:.2f}% ± {100 * acc['std']:.2f}")
+    assert cells[-1] == "abc1234"
+
+
+def fake_results(path: Path, device: str = "test-device") -> Path:
+    """A pytest-benchmark JSON as bench/ writes it: one group, an eager baseline and a faster
+    path, plus a routing row with GB/s."""
+
+    def bench(group, impl, median, baseline, **rates):
+        info = {"device": device, "subject": group.split(" B=")[0], "impl": impl, "dtype": "fp32"}
+        info.update(batch=8, baseline=baseline, **rates)
+        return {
+            "group": group,
+            "name": f"t[{impl}]",
+            "extra_info": info,
+            "stats": {"median": median},
+        }
+
+    data = {
+        "machine_info": {"capsfast": {"device": device, "commit": "abc1234"}},
+        "benchmarks": [
+            bench("train_step B=8", "eager/torch", 0.2, True, images_per_second=40.0),
+            bench("train_step B=8", "compiled/torch", 0.05, False, images_per_second=160.0),
+            bench("route fwd B=8", "eager", 0.004, True, gb_per_second=2.5),
+            {"group": None, "name": "someone_elses", "extra_info": {}, "stats": {"median": 1.0}},
+        ],
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_report_renders_the_benchmark_table_and_chart(tmp_path):
+    results = fake_results(tmp_path / "results.json")
+    rows = load_benchmarks([results])
+    assert len(rows) == 3  # the benchmark without our extra_info is not ours
+    table = benchmark_table(rows)
+    assert (
+        "| test-device | train_step | compiled/torch | fp32 | 8 | 50 ms | 160 img/s | 4.00x |"
+        in table
+    )
+    assert (
+        "| test-device | train_step | eager/torch | fp32 | 8 | 200 ms | 40 img/s | 1.00x |" in table
+    )
+    assert "| test-device | route fwd | eager | fp32 | 8 | 4 ms | 2.5 GB/s | 1.00x |" in table
+    md, png = tmp_path / "table.md", tmp_path / "chart.png"
+    assert report_main([str(results), "--markdown", str(md), "--chart", str(png)]) == 0
+    assert md.read_text() == table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
