@@ -39,6 +39,7 @@ from capsfast.data import (
     split_train_val,
     to_float,
 )
+from capsfast.ema import EMA
 from capsfast.export import load_model, save_model
 from capsfast.model import CapsNet, ModelConfig, margin_loss, reconstruction_loss
 
@@ -262,11 +263,7 @@ class Trainer:
         )
         self.ema = None
         if cfg.ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(
-                model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
-            )
+            self.ema = EMA(model, cfg.ema_decay)
             acc.register_for_checkpointing(self.ema)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
@@ -418,7 +415,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update_parameters(self.raw_model)
+            self.ema.update(self.raw_model)
         with torch.no_grad():
             self.nonfinite |= ~finite
             n = float(x.shape[0])

@@ -34,10 +34,29 @@ def test_every_field_has_a_flag_with_help():
     text = parser.format_help()
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
-    for flag in ["--preset", "--data-dir", "--download", "--epochs", "--max-steps", "--batch-size",
-                 "--lr", "--routing-iters", "--routing", "--detach-inner", "--mixed-precision",
-                 "--compile", "--no-compile", "--cpu-threads", "--seed", "--output-dir",
-                 "--checkpoint-every", "--resume", "--report-to", "--val-size", "--test-size"]:
+    for flag in [
+        "--preset",
+        "--data-dir",
+        "--download",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--lr",
+        "--routing-iters",
+        "--routing",
+        "--detach-inner",
+        "--mixed-precision",
+        "--compile",
+        "--no-compile",
+        "--cpu-threads",
+        "--seed",
+        "--output-dir",
+        "--checkpoint-every",
+        "--resume",
+        "--report-to",
+        "--val-size",
+        "--test-size",
+    ]:
         assert flag in text
     assert "GLOBAL batch" in text
 

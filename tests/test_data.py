@@ -43,7 +43,9 @@ def _copy(tmp_path, gz=True, layout="flat"):
     return target
 
 
-@pytest.mark.parametrize("gz,layout", [(False, "flat"), (True, "torchvision"), (False, "torchvision")])
+@pytest.mark.parametrize(
+    "gz,layout", [(False, "flat"), (True, "torchvision"), (False, "torchvision")]
+)
 def test_reads_any_layout(tmp_path, mnist, gz, layout):
     _copy(tmp_path, gz=gz, layout=layout)
     other = load_mnist(tmp_path)

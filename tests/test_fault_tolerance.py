@@ -20,16 +20,45 @@ from capsfast.checkpoint import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 12
-FLAGS = ["--batch-size", "16", "--max-steps", str(STEPS), "--val-size", "64", "--test-size",
-         "32", "--report-to", "none", "--checkpoint-every", "4", "--log-every", "2",
-         "--keep-checkpoints", "5", "--cpu-threads", "2"]
+FLAGS = [
+    "--batch-size",
+    "16",
+    "--max-steps",
+    str(STEPS),
+    "--val-size",
+    "64",
+    "--test-size",
+    "32",
+    "--report-to",
+    "none",
+    "--checkpoint-every",
+    "4",
+    "--log-every",
+    "2",
+    "--keep-checkpoints",
+    "5",
+    "--cpu-threads",
+    "2",
+]
 
 
 def start(out, *extra):
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *FLAGS, "--output-dir", str(out),
-           *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        *FLAGS,
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
 
 
 def run(out, *extra, timeout=300):
@@ -64,7 +93,9 @@ def assert_same_run(a, b):
     assert sa["final_train_loss"] == pytest.approx(sb["final_train_loss"], rel=1e-5)
     ra = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["val_accuracy"]) for r in ra] == [(r["step"], r["val_accuracy"]) for r in rb]
+    assert [(r["step"], r["val_accuracy"]) for r in ra] == [
+        (r["step"], r["val_accuracy"]) for r in rb
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +185,29 @@ def test_skip_nonfinite_counts_skips_and_finishes(tmp_path):
 
 def test_unreachable_wandb_falls_back_to_offline_quickly(tmp_path):
     out = tmp_path / "wandb"
-    env = {**os.environ, "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_SILENT": "true"}
+    env = {
+        **os.environ,
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_SILENT": "true",
+    }
     env.pop("WANDB_MODE", None)
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--batch-size", "8", "--max-steps",
-           "2", "--val-size", "16", "--test-size", "16", "--output-dir", str(out),
-           "--report-to", "wandb"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--val-size",
+        "16",
+        "--test-size",
+        "16",
+        "--output-dir",
+        str(out),
+        "--report-to",
+        "wandb",
+    ]
     t = time.time()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

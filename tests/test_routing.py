@@ -29,7 +29,10 @@ def naive_route(u_hat, iterations, bias=None, detach_inner=False):
                     norm2 = (s_j * s_j).sum()
                     v.append(norm2 / (1 + norm2) * s_j / torch.sqrt(norm2 + 1e-8))
                 if not last:
-                    b = [[b[i][j] + (u_hat[n, i, j] * v[j]).sum() for j in range(J)] for i in range(I)]
+                    b = [
+                        [b[i][j] + (u_hat[n, i, j] * v[j]).sum() for j in range(J)]
+                        for i in range(I)
+                    ]
                     if detach_inner:
                         b = [[x.detach() for x in row] for row in b]
         outs.append(torch.stack(v))

@@ -65,7 +65,7 @@ def test_seeded_runs_are_reproducible(tmp_path):
     data = synthetic_mnist()
     a = train(small_cfg(tmp_path / "a", seed=7), data=data)
     b = train(small_cfg(tmp_path / "b", seed=7), data=data)
-    c = train(small_cfg(tmp_path / "c", seed=8), data=data)
+    train(small_cfg(tmp_path / "c", seed=8), data=data)
     wa = load_file(tmp_path / "a" / "model" / "model.safetensors")
     wb = load_file(tmp_path / "b" / "model" / "model.safetensors")
     wc = load_file(tmp_path / "c" / "model" / "model.safetensors")
@@ -77,17 +77,37 @@ def test_seeded_runs_are_reproducible(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     data = synthetic_mnist()
     full = tmp_path / "full"
-    train(small_cfg(full, max_steps=8, checkpoint_every=4, keep_checkpoints=5), data=data)
+    kw = dict(max_steps=8, ema_decay=0.9)  # the EMA must be restored too
+    train(small_cfg(full, checkpoint_every=4, keep_checkpoints=5, **kw), data=data)
     ckpts = list_checkpoints(full)
     assert [p.name for p in ckpts] == ["step-00000008", "step-00000004"]
     # A second run that starts from the step-4 checkpoint and runs to step 8.
     part = tmp_path / "part"
-    summary = train(small_cfg(part, max_steps=8, resume=str(ckpts[1])), data=data)
+    summary = train(small_cfg(part, resume=str(ckpts[1]), **kw), data=data)
     assert summary["steps"] == 8
     a = load_file(ckpts[0] / "model.safetensors")
     b = load_file(list_checkpoints(part)[0] / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ea = load_file(full / "model" / "model.safetensors")  # exported: the EMA weights
+    eb = load_file(part / "model" / "model.safetensors")
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0, msg=k)
+
+
+def test_ema_weights_are_evaluated_and_exported(tmp_path):
+    from capsfast.train import Trainer
+
+    trainer = Trainer(small_cfg(tmp_path, max_steps=6, ema_decay=0.999), data=synthetic_mnist())
+    trainer.run()
+    assert trainer.ema.updates == 6
+    assert trainer.ema.current_decay() == pytest.approx(7 / 16)  # warm-up: (1 + t) / (10 + t)
+    exported = load_file(tmp_path / "model" / "model.safetensors")
+    ema = trainer.ema.module.state_dict()
+    raw = trainer.raw_model.state_dict()
+    for k in exported:
+        torch.testing.assert_close(exported[k], ema[k].float(), rtol=0, atol=0, msg=k)
+    assert not torch.equal(exported["digit.W"], raw["digit.W"].float())
 
 
 def test_resume_auto_with_nothing_starts_fresh(tmp_path, capsys):
@@ -100,10 +120,27 @@ def test_summary_has_every_key_with_its_meaning(tmp_path):
     summary = train(small_cfg(tmp_path, max_steps=12, test_size=40), data=synthetic_mnist())
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    for key in ["test_accuracy", "test_size", "best_val_accuracy", "final_train_loss", "steps",
-                "epochs", "world_size", "wall_seconds", "images_per_second", "device",
-                "mixed_precision", "routing", "preset", "seed", "config", "commit", "torch",
-                "triton", "peak_memory_gb"]:
+    for key in [
+        "test_accuracy",
+        "test_size",
+        "best_val_accuracy",
+        "final_train_loss",
+        "steps",
+        "epochs",
+        "world_size",
+        "wall_seconds",
+        "images_per_second",
+        "device",
+        "mixed_precision",
+        "routing",
+        "preset",
+        "seed",
+        "config",
+        "commit",
+        "torch",
+        "triton",
+        "peak_memory_gb",
+    ]:
         assert key in summary, key
     assert summary["test_size"] == 40 and summary["steps"] == 12
     assert summary["epochs"] == pytest.approx(12 * 16 / 288)
@@ -117,8 +154,18 @@ def test_summary_has_every_key_with_its_meaning(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
-    code = main(["--data-dir", str(tmp_path / "nothing"), "--report-to", "none",
-                 "--output-dir", str(tmp_path / "out"), "--max-steps", "1"])
+    code = main(
+        [
+            "--data-dir",
+            str(tmp_path / "nothing"),
+            "--report-to",
+            "none",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "does not exist" in err and "--download" in err and "Traceback" not in err
@@ -126,10 +173,31 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
 
 def _launch(args, tmp_path, env_extra=None, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "launch" / "train.py"), "--batch-size", "8", "--max-steps", "3",
-           "--val-size", "16", "--test-size", "16", "--output-dir", str(tmp_path), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "launch" / "train.py"),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--val-size",
+        "16",
+        "--test-size",
+        "16",
+        "--output-dir",
+        str(tmp_path),
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -148,3 +216,20 @@ def test_accelerate_launch_with_wandb_offline(tmp_path):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path).rglob("*"))[:20]
     assert list(runs[0].glob("*.wandb")), "the offline run holds no data"
+
+
+def test_real_mnist_run_reaches_95_percent(trained_summary, trained_run):
+    # A few hundred steps at batch 32 on real MNIST (the session's shared run, fixtures_model.py).
+    assert trained_summary["test_size"] == 1000
+    assert trained_summary["steps"] == 300
+    assert trained_summary["test_accuracy"] >= 0.95
+    assert trained_summary["best_val_accuracy"] >= 0.95
+    figures = sorted(p.name for p in (trained_run / "figures").glob("*.png"))
+    assert figures == sorted(
+        [
+            "reconstructions.png",
+            "capsule_dimensions.png",
+            "confusion_matrix.png",
+            "confident_wrong.png",
+        ]
+    )
