@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
 import torch
+
+from capsfast.train import git_commit as commit
+from capsfast.train import triton_version
 
 ROOT = Path(__file__).resolve().parent.parent
 ON_CUDA = torch.cuda.is_available()
@@ -28,30 +29,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SPEC.md, arithmetic of one sample: forward about 0.4 GFLOP, forward + backward about 1.2 GFLOP.
 FLOP_FWD = 0.4e9
 FLOP_TRAIN = 1.2e9
-
-
-def commit() -> str:
-    """CAPSFAST_COMMIT (set it where the copy has no .git), else git, else "unknown"."""
-    if os.environ.get("CAPSFAST_COMMIT"):
-        return os.environ["CAPSFAST_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def triton_version() -> str | None:
-    try:
-        return version("triton")
-    except PackageNotFoundError:
-        return None
+# torch.compile mode of every compiled path: default unless set (e.g. reduce-overhead, the fast
+# preset's CUDA-graph mode); recorded with each result.
+COMPILE_MODE = os.environ.get("CAPSFAST_BENCH_COMPILE_MODE") or None
 
 
 def device_name() -> str:
@@ -69,6 +49,7 @@ def run_info() -> dict:
         "triton": triton_version(),
         "cuda": torch.version.cuda if ON_CUDA else None,
         "threads": torch.get_num_threads(),
+        "compile_mode": COMPILE_MODE or "default",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -113,7 +94,14 @@ def compile_fn(fn, benchmark):
     torch._dynamo.reset()
     if benchmark.disabled:
         return torch.compile(fn, backend="aot_eager")
-    return torch.compile(fn)
+    return torch.compile(fn, mode=COMPILE_MODE)
+
+
+def new_step() -> None:
+    """Tell CUDA-graph compile modes that a new step begins, so that replaying the graph may reuse
+    the last step's output buffers (a no-op for other modes and for eager code)."""
+    if ON_CUDA:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 # --------------------------------------------------------------------------- timing and records
@@ -202,11 +190,12 @@ def train_step(model, net, dtype: str):
     optimizer = build_optimizer(model, resolve({"preset": "paper"}))
 
     def step(x, y):
+        new_step()
         with autocast(dtype):
             out, loss, _, _ = compute_loss(net, x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), out.poses.detach()
+        return loss.detach().clone(), out.poses.detach().clone()  # CUDA graphs reuse buffers
 
     return step

@@ -28,21 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: report.py is beside it
 from report import stats_table  # noqa: E402
 
+from capsfast.train import git_commit as commit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 OWNED = ("--seed", "--output-dir", "--preset")  # record.py sets these for every run
-
-
-def commit() -> str:
-    """CAPSFAST_COMMIT (for copies without .git), else git, else "unknown"."""
-    if os.environ.get("CAPSFAST_COMMIT"):
-        return os.environ["CAPSFAST_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def compile_cache_dir() -> Path:

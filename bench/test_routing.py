@@ -29,6 +29,7 @@ from bench.common import (
     finish,
     first_batch_only,
     need_triton,
+    new_step,
     skip_unless_meaningful,
     timed,
 )
@@ -114,6 +115,7 @@ def bench_routing(benchmark, subject: str, impl: str, pass_: str, dtype: str, ba
         f = lambda x, w, b: digit_caps(x, w, T, bias=b, impl="torch" if impl == "eager" else impl)
 
     def step():
+        new_step()
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
             return run(f, inputs, grad_v, backward)
 

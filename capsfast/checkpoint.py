@@ -34,6 +34,9 @@ class TrainState:
         self.best_val_accuracy = -1.0
         self.best_step = -1
         self.skipped_steps = 0
+        self.epoch_stats = [
+            0.0
+        ] * 5  # running sums of the current epoch: loss, margin, recon, correct, n
         self.records: list[dict] = []  # per-epoch metrics, as in metrics.jsonl
 
     def state_dict(self) -> dict:
@@ -93,9 +96,13 @@ def load_checkpoint(accelerator, path: Path, model_config: dict) -> None:
     accelerator.load_state(str(path))
 
 
-def resume(accelerator, spec: str | None, output_dir: Path, model_config: dict) -> Path | None:
+def resume(
+    accelerator, spec: str | None, output_dir: Path, model_config: dict, on_fresh_start=None
+) -> Path | None:
     """Load what `--resume` names. `auto`: the newest complete checkpoint that loads; corrupt or
-    half-written ones are skipped with a warning; none at all means a fresh start."""
+    half-written ones are skipped with a warning; none at all means a fresh start (after
+    `on_fresh_start()`, which undoes whatever a failed load had already put in place).
+    The main process lists the checkpoints and every rank tries the same ones in the same order."""
     if spec is None:
         return None
     if spec != "auto":
@@ -103,17 +110,30 @@ def resume(accelerator, spec: str | None, output_dir: Path, model_config: dict) 
             raise CheckpointError(f"--resume {spec}: no such checkpoint directory")
         load_checkpoint(accelerator, Path(spec), model_config)
         return Path(spec)
-    for path in list_checkpoints(output_dir):
+    from accelerate.utils import broadcast_object_list
+
+    candidates = [list_checkpoints(output_dir) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(candidates)
+    for path in candidates[0]:
         try:
             load_checkpoint(accelerator, path, model_config)
-            return path
+            failed = 0.0
         except CheckpointError:
             raise
         except Exception as e:  # truncated tensors, bad JSON, missing files
+            failed = 1.0
             accelerator.print(
                 f"capsfast: warning: skipping unreadable checkpoint {path} "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             )
+        if accelerator.num_processes > 1:  # all ranks load it, or none uses it
+            flag = torch.tensor(failed, device=accelerator.device)
+            failed = accelerator.reduce(flag, reduction="sum").item()
+        if not failed:
+            return path
+    if candidates[0] and on_fresh_start is not None:
+        on_fresh_start()
     accelerator.print(
         f"capsfast: --resume auto: no complete checkpoint in {output_dir}/checkpoints; "
         "starting fresh"

@@ -109,8 +109,10 @@ def load_mnist(data_dir: str | Path | None = None, download: bool = False) -> MN
                 TVMNIST(str(directory), train=train, download=True)
         except Exception as e:  # network, disk: say what failed and what else to do
             raise DataError(f"--download into {directory} failed ({e}); {HOW_TO_PROVIDE}") from None
-    if not directory.is_dir():
+    if not directory.exists():
         raise DataError(f"data directory {directory} does not exist; {HOW_TO_PROVIDE}")
+    if not directory.is_dir():
+        raise DataError(f"--data-dir {directory} is a file, not a directory; {HOW_TO_PROVIDE}")
     tensors = {}
     for key, name in FILES.items():
         path = _find(directory, name)

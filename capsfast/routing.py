@@ -93,8 +93,8 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     """Turn `auto` into a concrete implementation for `device`.
 
     auto: the reference on CPU (Triton has no CPU backend outside the interpreter); on CUDA the
-    Triton routing kernel. `fused` is chosen on CUDA only where benchmarks recorded it faster:
-    set CAPSFAST_AUTO_IMPL to override what auto picks.
+    Triton routing kernel. `fused` becomes auto's choice on CUDA only once a GPU benchmark has
+    recorded it faster than `triton` (none has yet); CAPSFAST_AUTO_IMPL overrides auto's pick.
     """
     if impl not in ("auto", *IMPLS):
         raise ValueError(

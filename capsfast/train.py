@@ -43,7 +43,19 @@ from capsfast.ema import EMA
 from capsfast.export import load_model, save_model
 from capsfast.model import CapsNet, ModelConfig, margin_loss, reconstruction_loss
 
-PROCESS_START = time.time()
+
+def _process_start() -> float:
+    """When this process was created (psutil comes with accelerate), so wall_seconds includes
+    interpreter start-up and imports; the module's import time where that is unavailable."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:
+        return time.time()
+
+
+PROCESS_START = _process_start()
 
 
 class TrainingError(RuntimeError):
@@ -126,16 +138,25 @@ def choose_routing(requested: str, device: torch.device, accelerator) -> str:
     from capsfast.routing import resolve_impl
 
     impl = resolve_impl(requested, device)
-    if requested != "auto" or impl == "torch":
+    if impl == "torch":
         return impl
     try:
         from capsfast.kernels.routing import triton_available
 
-        ok, reason = triton_available(device)
+        # An explicit choice is not probed: if the kernel fails, it fails loudly, in full.
+        ok, reason = triton_available(device, probe=requested == "auto")
     except Exception as e:  # triton missing or broken at import
         ok, reason = False, f"{type(e).__name__}: {e}"
+    if accelerator.num_processes > 1:  # one rank's failure sends every rank to the reference
+        flag = torch.tensor(0.0 if ok else 1.0, device=device)
+        if accelerator.reduce(flag, reduction="sum").item() > 0 and ok:
+            ok, reason = False, "the kernel failed on another rank"
     if ok:
         return impl
+    if requested != "auto":
+        raise TrainingError(
+            f"--routing {requested} cannot run on {device}: {reason}. Use --routing auto or torch"
+        )
     accelerator.print(
         f"capsfast: warning: --routing auto cannot use the {impl} kernel on {device} ({reason}); "
         "using the torch reference. Pass --routing triton to see the full error."
@@ -266,12 +287,21 @@ class Trainer:
             self.ema = EMA(model, cfg.ema_decay)
             acc.register_for_checkpointing(self.ema)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.raw_model = acc.unwrap_model(self.model)
+        raw = acc.unwrap_model(self.model)
+        self.raw_model = getattr(raw, "_orig_mod", raw)  # the CapsNet under torch.compile too
         acc.register_for_checkpointing(self.scheduler)
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
+        initial = GoodState()  # a failed half-load must not leak into a fresh start
+        initial.take(0, **self._stateful())
         try:
-            self.resumed_from = resume(acc, cfg.resume, self.out, self.model_cfg.to_dict())
+            self.resumed_from = resume(
+                acc,
+                cfg.resume,
+                self.out,
+                self.model_cfg.to_dict(),
+                on_fresh_start=lambda: initial.restore(**self._stateful()),
+            )
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
         if self.resumed_from is not None:
@@ -318,7 +348,8 @@ class Trainer:
         cfg, acc, dev = self.cfg, self.accelerator, self.device
         self.model.train()
         # Device-side accumulators: loss, margin, recon, correct, count since the last epoch end.
-        self.stats = torch.zeros(5, device=dev)
+        self.stats = torch.tensor(self.state.epoch_stats, device=dev)  # restored on resume
+        self.local_batch = torch.tensor(float(self.batches.local_batch), device=dev)
         self.last_loss = torch.zeros((), device=dev)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         self.good = GoodState()
@@ -378,7 +409,7 @@ class Trainer:
                             self.excluded += time.time() - t
                         if stop_now:
                             acc.print(
-                                f"capsfast: stopped by signal {stop.signal} at step {step}; checkpoint"
+                                f"capsfast: stopped on request (signal {stop.signal or 'on another rank'}) at step {step}; checkpoint"
                                 f" saved to {path}. Resume with the same command plus --resume auto."
                             )
                             acc.end_training()
@@ -396,14 +427,17 @@ class Trainer:
     def _step(self, epoch: int, k: int, order: torch.Tensor) -> None:
         cfg, acc = self.cfg, self.accelerator
         x, y = self.batches.batch(epoch, k, order)
+        if self.compile and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step's graphs
         with acc.autocast():
             out, loss, margin, recon = compute_loss(self.model, x, y, cfg.recon_weight)
         acc.backward(loss)
         finite = torch.isfinite(loss)
+        if self.mixed_precision != "fp16":  # fp16: the GradScaler handles overflowing gradients
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         if cfg.skip_nonfinite:
             # Opt-in: decide on the host, every step (one sync a step), and count the skips.
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
             bad = (~finite).float()
             if (acc.reduce(bad, reduction="sum") if self.world > 1 else bad).item() > 0:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -418,7 +452,7 @@ class Trainer:
             self.ema.update(self.raw_model)
         with torch.no_grad():
             self.nonfinite |= ~finite
-            n = float(x.shape[0])
+            n = self.batches.local_batch
             correct = (out.lengths.argmax(1) == y).sum().float()
             self.stats += torch.stack(
                 [
@@ -426,10 +460,10 @@ class Trainer:
                     margin.detach() * n,
                     recon.detach() * n,
                     correct,
-                    torch.tensor(n, device=self.device),
+                    self.local_batch,  # a device constant: no host-to-device copy per step
                 ]
             )
-            self.last_loss = loss.detach()
+            self.last_loss = loss.detach().clone()  # CUDA graphs reuse their output buffers
         self.state.step += 1
 
     def _sync_point(self, local_stop: bool, bar) -> bool:
@@ -457,26 +491,21 @@ class Trainer:
         self._take_good()
         return stop > 0
 
+    def _stateful(self) -> dict:
+        """What a checkpoint holds besides RNG: model, optimiser, schedule, state, EMA."""
+        extra = {"ema": self.ema} if self.ema is not None else {}
+        return dict(model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                    state=self.state, **extra)  # fmt: skip
+
     def _take_good(self) -> None:
-        self.good.take(
-            self.state.step,
-            model=self.raw_model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            state=self.state,
-            **({"ema": self.ema} if self.ema is not None else {}),
-        )
+        self.state.epoch_stats = self.stats.tolist()  # the epoch's running sums go along
+        self.good.take(self.state.step, **self._stateful())
 
     def _stop_nonfinite(self) -> None:
         """Save the last good state (restored from memory), then stop with the step range."""
         bad_from, bad_to = self.good.step + 1, self.state.step
-        self.good.restore(
-            model=self.raw_model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            state=self.state,
-            **({"ema": self.ema} if self.ema is not None else {}),
-        )
+        self.good.restore(**self._stateful())
+        self.stats = torch.tensor(self.state.epoch_stats, device=self.device)
         path = self._save()
         self.accelerator.end_training()
         where = f"step {bad_to}" if bad_from == bad_to else f"steps {bad_from}-{bad_to}"
@@ -569,6 +598,7 @@ class Trainer:
         return record
 
     def _save(self) -> Path:
+        self.state.epoch_stats = self.stats.tolist()
         return save_checkpoint(
             self.accelerator,
             self.out,
@@ -591,8 +621,12 @@ class Trainer:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         if not state.records or state.records[-1]["step"] != state.step:
             self._validate_and_export(self._train_stats())
-        newest = list_checkpoints(self.out)[:1]
-        if not newest or newest[0].name != f"step-{state.step:08d}":
+        from accelerate.utils import broadcast_object_list
+
+        newest = [list_checkpoints(self.out)[:1] if acc.is_main_process else None]
+        if self.world > 1:  # the main process decides, so every rank joins the same collectives
+            broadcast_object_list(newest)
+        if not newest[0] or newest[0][0].name != f"step-{state.step:08d}":
             self._save()
         exported = load_model(self.out / "model", device=self.device, routing=self.routing)
         test_acc, test_n = evaluate(exported, self.test_x, self.test_y, acc, cfg.eval_batch_size)

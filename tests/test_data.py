@@ -146,3 +146,10 @@ def test_epochs_are_permutations(mnist):
     assert sorted(seen.tolist()) == list(range(256))
     other = torch.cat([batches.batch(1, k)[1] for k in range(batches.steps_per_epoch)])
     assert not torch.equal(seen, other)
+
+
+def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "mnist.zip"
+    path.write_bytes(b"PK")
+    with pytest.raises(DataError, match="is a file, not a directory.*--data-dir"):
+        load_mnist(path)

@@ -93,9 +93,12 @@ def assert_same_run(a, b):
     assert sa["final_train_loss"] == pytest.approx(sb["final_train_loss"], rel=1e-5)
     ra = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["val_accuracy"]) for r in ra] == [
-        (r["step"], r["val_accuracy"]) for r in rb
-    ]
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb, strict=True):  # every metric, including the epoch's running sums
+        for key in ("epoch", "step", "val_accuracy", "lr"):
+            assert x[key] == y[key], key
+        for key in ("train_loss", "margin_loss", "recon_loss", "train_accuracy"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
 
 
 @pytest.fixture(scope="module")

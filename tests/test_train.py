@@ -233,3 +233,42 @@ def test_real_mnist_run_reaches_95_percent(trained_summary, trained_run):
             "confident_wrong.png",
         ]
     )
+
+
+def test_explicit_triton_routing_without_a_gpu_is_a_clear_error(tmp_path):
+    # Without CUDA and without the Triton interpreter the kernel cannot run: say so, don't train.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        pytest.skip(
+            "CUDA is present: --routing triton runs natively (tested in test_routing_triton)"
+        )
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--routing",
+        "triton",
+        "--max-steps",
+        "1",
+        "--report-to",
+        "none",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2
+    assert "--routing triton cannot run on cpu" in result.stderr
+    assert "TRITON_INTERPRET" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compiled_model_exports_plain_capsnet_keys(tmp_path):
+    # Under torch.compile the prepared model is an OptimizedModule; the export must still hold
+    # CapsNet's own parameter names so load_model reads it (compilation is lazy: no step needed).
+    from capsfast.export import load_model, save_model
+    from capsfast.train import Trainer
+
+    trainer = Trainer(small_cfg(tmp_path, compile=True), data=synthetic_mnist())
+    assert trainer.compile
+    save_model(trainer.eval_model, tmp_path / "export")
+    keys = load_file(tmp_path / "export" / "model.safetensors").keys()
+    assert "digit.W" in keys and not any(k.startswith("_orig_mod") for k in keys)
+    load_model(tmp_path / "export")
