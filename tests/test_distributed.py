@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -91,3 +92,49 @@ def test_asked_for_two_processes_but_got_one_is_an_error(tmp_path):
     # (accelerate's launcher prints its own traceback for a failed child; ours has none)
     assert "capsfast: error:" in result.stderr and "capsfast/train.py" not in result.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("routing", ["triton", "fused"])
+def test_triton_routing_under_ddp_matches_the_reference(tmp_path, routing):
+    # The custom ops inside a DistributedDataParallel model over 2 gloo ranks (Triton's
+    # interpreter on CPU): the same 2 steps as with the torch reference.
+    config = ["--config_file", str(ROOT / "launch" / "configs" / "cpu_2proc.yaml")]
+    small = [
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-size",
+        "0",
+        "--test-size",
+        "2",
+        "--checkpoint-every",
+        "2",
+    ]
+    runs = {}
+    for impl in ("torch", routing):
+        out = tmp_path / impl
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *config,
+            str(ROOT / "launch" / "train.py"),
+            *small,
+            "--report-to",
+            "none",
+            "--routing",
+            impl,
+            "--output-dir",
+            str(out),
+        ]
+        env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else None
+        r = subprocess.run(
+            cmd, env=env or os.environ, capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["routing"] == impl and summary["world_size"] == 2
+        runs[impl] = load_file(out / "checkpoints" / "step-00000002" / "model.safetensors")
+    for k in runs["torch"]:
+        torch.testing.assert_close(runs[routing][k], runs["torch"][k], rtol=1e-4, atol=1e-6, msg=k)
