@@ -68,6 +68,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, model_config: dict
     if accelerator.is_main_process:
         marker = {"step": step, "model": model_config, "time": time.time()}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        if hasattr(os, "sync"):
+            os.sync()  # the files reach the disk before the rename makes them the checkpoint
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -49,14 +49,13 @@ under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from capsfast.kernels.common import buffer, check_device, interpreted, sm_count
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
 MAX_JD = 32  # J and D up to 32 each
 MAX_DIN = 16
@@ -375,15 +374,10 @@ def _sum_rows_kernel(x_ptr, out_ptr, R, N, BLOCK_N: tl.constexpr):
 
 def _interpreting() -> bool:
     """True when the kernels above were built for the Triton interpreter (CPU)."""
-    return isinstance(_fwd_pass_kernel, InterpretedFunction)
+    return interpreted(_fwd_pass_kernel)
 
 
-def _buffer(shape, dtype, device) -> Tensor:
-    """Uninitialised buffer; filled with NaN when CAPSFAST_POISON=1 (tests), so any element a
-    kernel fails to write shows up."""
-    if os.environ.get("CAPSFAST_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+_buffer = buffer  # NaN-filled under CAPSFAST_POISON=1, so an unwritten element shows up
 
 
 def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
@@ -405,7 +399,7 @@ def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
         block_i = min(triton.next_power_of_2(I), max(1, 2**15 // (block_b * JP * DP)))
         i_per_prog = i_per_prog_final = block_i
     else:
-        return _gpu_tiles(B, I, JP, DP, sms=_sm_count(device))
+        return _gpu_tiles(B, I, JP, DP, sms=sm_count(device))
     return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_prog_final)
 
 
@@ -448,11 +442,6 @@ def _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_p
     )
 
 
-@functools.lru_cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _finish_block(B: int, JP: int, DP: int) -> int:
     return max(1, min(triton.next_power_of_2(B), 4096 // (JP * DP)))
 
@@ -463,12 +452,7 @@ def _device_of(u: Tensor):
 
 
 def _check_device(u: Tensor) -> None:
-    if u.device.type == "cpu" and not _interpreting():
-        raise RuntimeError(
-            "digit_caps_fused: the tensors are on the CPU, where Triton runs only under its "
-            "interpreter. Set TRITON_INTERPRET=1 before triton is first imported, or use "
-            "digit_caps(..., impl='torch')."
-        )
+    check_device(u.device, _fwd_pass_kernel, "digit_caps_fused", "digit_caps(..., impl='torch')")
 
 
 def _forward(u: Tensor, W: Tensor, bias: Tensor | None, T: int):

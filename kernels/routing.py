@@ -43,6 +43,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from capsfast.kernels.common import buffer, check_device, interpreted, sm_count
 
 from capsfast.routing import SQUASH_EPS
 
@@ -344,18 +345,10 @@ def _route_bwd_du_kernel(
 def is_interpreted() -> bool:
     """True when these kernels run under the Triton interpreter (TRITON_INTERPRET=1 was set
     before triton was first imported)."""
-    return type(_route_fwd_pass_kernel).__name__ == "InterpretedFunction"
+    return interpreted(_route_fwd_pass_kernel)
 
 
-def _poison() -> bool:
-    return os.environ.get("CAPSFAST_POISON", "0") not in ("", "0")
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """An output or scratch buffer: NaN-filled under CAPSFAST_POISON=1, so unwritten elements show."""
-    if _poison():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+_alloc = buffer  # outputs and scratch: NaN-filled under CAPSFAST_POISON=1
 
 
 def _env_int(name: str) -> int | None:
@@ -368,10 +361,9 @@ def _env_int(name: str) -> int | None:
     return n
 
 
-@functools.lru_cache(maxsize=16)
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * sm_count(device)
     return 1  # the interpreter runs programs one after another: fewer, larger ones are faster
 
 
@@ -434,18 +426,7 @@ def _check_inputs(u_hat: torch.Tensor, bias: torch.Tensor | None, iterations: in
 
 
 def _check_device(device: torch.device) -> None:
-    if device.type == "cuda" or (device.type == "cpu" and is_interpreted()):
-        return
-    if device.type == "cpu":
-        raise RuntimeError(
-            "route_triton: u_hat is a CPU tensor, and Triton runs on CPU only under its "
-            "interpreter. Use impl='torch' on CPU, or set TRITON_INTERPRET=1 in the environment "
-            "before triton is first imported (slow; for tests)."
-        )
-    raise RuntimeError(
-        f"route_triton: device {device} is not supported (CUDA, or CPU under the "
-        "Triton interpreter); use impl='torch'"
-    )
+    check_device(device, _route_fwd_pass_kernel, "route_triton", "impl='torch'")
 
 
 def _route_forward(u_hat, bias, iterations):
