@@ -20,6 +20,9 @@ class EMA:
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.updates = 0
+        # The floating-point tensors of both models, listed once: a step only lerps them.
+        self._ema = [t for t in self.module.state_dict().values() if t.is_floating_point()]
+        self._source, self._now = None, None
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -27,10 +30,12 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        d = self.current_decay()
-        ema = [t for t in self.module.state_dict().values() if t.is_floating_point()]
-        now = [t for t in model.state_dict().values() if t.is_floating_point()]
-        torch._foreach_lerp_(ema, now, 1.0 - d)  # ema += (1 - d) * (now - ema)
+        if model is not self._source:
+            self._source = model
+            self._now = [t for t in model.state_dict().values() if t.is_floating_point()]
+        torch._foreach_lerp_(
+            self._ema, self._now, 1.0 - self.current_decay()
+        )  # ema += (1-d)(now-ema)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
