@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsfast.train import git_commit as commit
-from capsfast.train import triton_version
+from capsfast.provenance import git_commit, package_version
 
 ROOT = Path(__file__).resolve().parent.parent
 ON_CUDA = torch.cuda.is_available()
@@ -43,10 +42,10 @@ def device_name() -> str:
 def run_info() -> dict:
     """Who measured: stored in machine_info (once per JSON) and in every benchmark's extra_info."""
     return {
-        "commit": commit(),
+        "commit": git_commit(),
         "device": device_name(),
         "torch": torch.__version__,
-        "triton": triton_version(),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda if ON_CUDA else None,
         "threads": torch.get_num_threads(),
         "compile_mode": COMPILE_MODE or "default",

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: report.py is beside it
 from report import stats_table  # noqa: E402
 
-from capsfast.train import git_commit as commit  # noqa: E402
+from capsfast.provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OWNED = ("--seed", "--output-dir", "--preset")  # record.py sets these for every run
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sha = commit()
+    sha = git_commit()
     records = []
     for seed in range(args.seeds):
         rec = record_run(args, passthrough, seed, sha)

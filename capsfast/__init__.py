@@ -3,8 +3,42 @@
 Importing capsfast has no side effects and imports neither triton, wandb nor gradio.
 """
 
-from capsfast.model import CapsNet, CapsNetOutput, ModelConfig, margin_loss, reconstruction_loss
-from capsfast.routing import digit_caps, route, squash
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _bind_source_kernels() -> None:
+    """Make this tree's top-level `kernels/` folder importable as `capsfast.kernels`.
+
+    pyproject maps `kernels/` to `capsfast.kernels`, so an installed wheel has the kernels inside
+    the package and needs nothing here. A source tree (a plain checkout, an editable install, a
+    second clone) keeps them beside the package: bind them here, so that whichever copy of
+    capsfast is imported always brings its own kernels (and never another copy's, or none).
+    Only the empty package is loaded; triton is imported when a kernel module is."""
+    here = _Path(__file__).resolve().parent
+    source = here.parent / "kernels" / "__init__.py"
+    if "capsfast.kernels" in _sys.modules or (here / "kernels").is_dir() or not source.is_file():
+        return
+    spec = _importlib_util.spec_from_file_location(
+        "capsfast.kernels", source, submodule_search_locations=[str(source.parent)]
+    )
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules["capsfast.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module
+
+
+_bind_source_kernels()
+
+from capsfast.model import (  # noqa: E402  (after the binding above)
+    CapsNet,
+    CapsNetOutput,
+    ModelConfig,
+    margin_loss,
+    reconstruction_loss,
+)
+from capsfast.routing import digit_caps, route, squash  # noqa: E402
 
 __all__ = [
     "CapsNet",

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from capsfast.errors import UserError
+
 MARKER = "capsfast_checkpoint.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says what to change."""
 
 

@@ -24,7 +24,9 @@ class TrainConfig:
         "paper", "preset to start from: paper, seed or fast", choices=["paper", "seed", "fast"]
     )
     # data
-    data_dir: str | None = _f(None, "directory with the four MNIST IDX files (default: data/mnist)")
+    data_dir: str | None = _f(
+        None, "directory with the four MNIST IDX files (default: the copy shipped with capsfast)"
+    )
     download: bool = _f(False, "download MNIST through torchvision into --data-dir first")
     val_size: int = _f(
         5000, "training images held out for validation and best-checkpoint choice (0: none)"

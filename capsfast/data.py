@@ -16,8 +16,11 @@ from pathlib import Path
 
 import torch
 
-# The repo ships the original four IDX files, gzipped, as the default data directory.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
+from capsfast.errors import UserError
+
+# capsfast ships the original four IDX files, gzipped, as package data: the default data directory
+# in a checkout and in an installed wheel alike.
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "assets" / "mnist"
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -26,7 +29,7 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 COUNTS = {"train": 60000, "test": 10000}
-# SHA-256 of the gzipped files as shipped in data/mnist (the original LeCun/Cun files).
+# SHA-256 of the gzipped files as shipped in capsfast/assets/mnist (the original LeCun/Cun files).
 SHIPPED_SHA256 = {
     "train-images-idx3-ubyte.gz": "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971",
     "train-labels-idx1-ubyte.gz": "1787548bbe0bff1ec2ecdc0ef292b02df999e2d1a6002d27500982c652b17203",
@@ -35,7 +38,7 @@ SHIPPED_SHA256 = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Missing, truncated or corrupt MNIST files; the message says what to do."""
 
 
@@ -63,7 +66,8 @@ def _read_idx(path: Path, kind: str, expected_count: int) -> torch.Tensor:
                 if digest != SHIPPED_SHA256[path.name]:
                     raise DataError(
                         f"{path}: SHA-256 {digest[:12]}... does not match the shipped copy; "
-                        "restore it with `git checkout -- data/mnist`"
+                        "restore it (`git checkout -- capsfast/assets/mnist` in a checkout, or reinstall "
+                        "capsfast)"
                     )
             raw = gzip.decompress(raw)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
@@ -99,7 +103,7 @@ class MNIST:
 
 
 def load_mnist(data_dir: str | Path | None = None, download: bool = False) -> MNIST:
-    """Read the four IDX files from `data_dir` (default: the copy shipped in data/mnist)."""
+    """Read the four IDX files from `data_dir` (default: the copy shipped with capsfast)."""
     directory = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     if download:
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from capsfast.errors import UserError
 from capsfast.export import load_model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -26,7 +27,7 @@ INK_THRESHOLD = 0.05  # fraction of the ink range that counts as ink for the bou
 MIN_CONTRAST = 0.08  # below this (max ink - background) there is no digit to read
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be read or holds no digit; the message says which and why."""
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,10 @@ from capsfast.data import (
     to_float,
 )
 from capsfast.ema import EMA
+from capsfast.errors import UserError
 from capsfast.export import load_model, save_model
 from capsfast.model import CapsNet, ModelConfig, margin_loss, reconstruction_loss
+from capsfast.provenance import git_commit, package_version
 
 
 def _process_start() -> float:
@@ -58,7 +59,7 @@ def _process_start() -> float:
 PROCESS_START = _process_start()
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """A run that cannot go on; the message says why and what to do."""
 
 
@@ -103,32 +104,6 @@ def check_world_size(world: int) -> None:
             f"srun started {tasks} tasks but each has world size 1 and would train a full copy: "
             "start one `accelerate launch` per node (see launch/slurm/train.sbatch)"
         )
-
-
-def git_commit() -> str:
-    """CAPSFAST_COMMIT (for copies without .git), else git, else `unknown`."""
-    if os.environ.get("CAPSFAST_COMMIT"):
-        return os.environ["CAPSFAST_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def triton_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("triton")
-    except PackageNotFoundError:
-        return None
 
 
 def choose_routing(requested: str, device: torch.device, accelerator) -> str:
@@ -650,7 +625,7 @@ class Trainer:
             "config": self.config_record,
             "commit": git_commit(),
             "torch": torch.__version__,
-            "triton": triton_version(),
+            "triton": package_version("triton"),
             "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if cuda else None,
             "skipped_steps": state.skipped_steps,
         }

@@ -5,12 +5,7 @@
 Prints a local URL; on a remote GPU box forward the port: ssh -L 7860:localhost:7860 HOST.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
-
-from capsfast.app import main  # noqa: E402
+from _checkout import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("app")

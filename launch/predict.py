@@ -3,12 +3,7 @@
 python launch/predict.py --model runs/NAME/model [--json] [--device cpu] PATH...
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
-
-from capsfast.infer import main  # noqa: E402
+from _checkout import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("predict")

@@ -3,12 +3,7 @@
 python launch/visualize.py runs/NAME/model [--out DIR] [--test-size N]
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
-
-from capsfast.figures import main  # noqa: E402
+from _checkout import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("visualize")

@@ -350,10 +350,9 @@ def test_float64_is_a_clear_error():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_capsnet_training_step_fused_matches_torch(monkeypatch):
-    # Full fp32 convolutions and matmuls on CUDA (no TF32), so that the fp32 bound applies.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_capsnet_training_step_fused_matches_torch(ieee_fp32):
+    # Full fp32 convolutions and matmuls on CUDA (no TF32, the ieee_fp32 fixture), so that the
+    # fp32 bound applies.
     torch.manual_seed(0)
     images = torch.rand(2, 1, 28, 28, device=DEVICE)
     labels = torch.tensor([3, 7], device=DEVICE)
