@@ -1,55 +1,67 @@
-"""Fault tolerance: atomic checkpoints, resume, stop requests, the last known good state.
+"""Fault tolerance: verified atomic checkpoints, resume, stop requests, the last known good state.
 
-A checkpoint is `accelerator.save_state` (model, optimiser, scheduler, EMA, RNG, and TrainState:
-step, best-so-far metrics, per-epoch records; the data order is a pure function of seed and
-epoch, so the step alone says where the data stream is). It is written into a temporary directory
-and renamed into place as the last act, after its marker file: a crash at any moment leaves
-either a complete checkpoint or a `.tmp-` directory that `--resume auto` never looks at.
+A checkpoint is `accelerator.save_state` (model, optimiser, EMA, RNG, and TrainState: step,
+best-so-far validation, per-step and per-epoch records; the data order is a pure function of
+seed and epoch, so the step alone says where the data stream is) plus a marker file that holds
+what the checkpoint is (step, model, the settings that fix the data stream) and the SHA-256 of
+every file in it. It is written into a `.tmp-` directory and renamed into place as the last act:
+a crash at any moment leaves either a complete checkpoint or a `.tmp-` directory that
+`--resume auto` never looks at, and a checkpoint whose bytes changed afterwards (a bad disk, a
+partial copy) fails verification instead of being trained on.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
-from capsfast.errors import UserError
+from capsfast.errors import UserError, describe_os_error
 
 MARKER = "capsfast_checkpoint.json"
+MARKER_FORMAT = 2  # 2: per-file SHA-256 and the data-stream settings
 
 
 class CheckpointError(UserError):
-    """A checkpoint that cannot be used; the message says what to change."""
+    """A checkpoint that cannot be used or written; the message says what to do."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files do not match their recorded checksums, or do not load."""
 
 
 class TrainState:
-    """Everything besides model, optimiser and scheduler that a resumed run needs."""
+    """Everything besides model, optimiser and EMA that a resumed run needs."""
 
     def __init__(self):
+        self.run_id = uuid.uuid4().hex[:12]  # names this run in its exports
         self.step = 0  # optimiser steps completed (skipped ones included)
         self.best_val_accuracy = -1.0
-        self.best_step = -1
         self.skipped_steps = 0
-        self.epoch_stats = [
-            0.0
-        ] * 5  # running sums of the current epoch: loss, margin, recon, correct, n
-        self.records: list[dict] = []  # per-epoch metrics, as in metrics.jsonl
+        # Running sums of the current epoch: loss, margin, recon, correct, n (host floats).
+        self.epoch_stats = [0.0] * 5
+        self.records: list[dict] = []  # metrics.jsonl, line by line (append-only)
 
     def state_dict(self) -> dict:
-        return copy.deepcopy(vars(self))
+        # Records are never changed once appended: copying the list is enough.
+        return {**vars(self), "epoch_stats": list(self.epoch_stats), "records": list(self.records)}
 
     def load_state_dict(self, d: dict) -> None:
-        vars(self).update(copy.deepcopy(d))
+        vars(self).update(
+            {**d, "epoch_stats": list(d["epoch_stats"]), "records": list(d["records"])}
+        )
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under output_dir/checkpoints, newest first."""
+    """Checkpoints under output_dir/checkpoints that have their marker, newest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -57,63 +69,155 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, model_config: dict, keep: int):
-    """Write checkpoint `step-XXXXXXXX` atomically (all ranks call this); keep the newest `keep`."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, identity: dict, keep: int) -> Path:
+    """Write checkpoint `step-XXXXXXXX` atomically (all ranks call this); keep the newest `keep`.
+
+    `identity` ({"model": ..., "data": ...}) is what a resume must match. A failed write (a full
+    disk) leaves the previous checkpoints as they were and raises a CheckpointError that says so.
+    """
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        marker = {"step": step, "model": model_config, "time": time.time()}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-        if hasattr(os, "sync"):
-            os.sync()  # the files reach the disk before the rename makes them the checkpoint
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+    previous = list_checkpoints(output_dir)[:1]
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            marker = {
+                "format": MARKER_FORMAT,
+                "step": step,
+                **identity,
+                "time": time.time(),
+                "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)},
+            }
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+            if hasattr(os, "sync"):
+                os.sync()  # the files reach the disk before the rename makes them the checkpoint
+            if final.exists():  # the same step again (a resumed run that saves at its start)
+                _remove(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(output_dir)[keep:]:
+                _remove(old)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        intact = (
+            f"the previous checkpoint {previous[0]} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"cannot write checkpoint {final} ({describe_os_error(e)}); {intact}. Free space, "
+            "then run the same command with --resume auto"
+        ) from None
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, path: Path, model_config: dict) -> None:
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that no half-deleted one can ever be listed: first rename it out of
+    the `step-*` namespace (atomic), then delete the files."""
+    trash = checkpoint.with_name(f".tmp-delete-{checkpoint.name}-{uuid.uuid4().hex[:6]}")
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def verify(path: Path) -> dict:
+    """The checkpoint's marker, after checking every file against its SHA-256.
+    Raises CorruptCheckpoint naming the file and what is wrong with it."""
     marker_path = Path(path) / MARKER
-    if not marker_path.is_file():
-        raise CheckpointError(f"{path} is not a complete capsfast checkpoint (no {MARKER})")
-    marker = json.loads(marker_path.read_text())
-    saved = marker.get("model", {})
-    if saved != model_config:
-        diff = {
-            k: f"{saved.get(k)} -> {model_config.get(k)}"
-            for k in sorted(set(saved) | set(model_config))
-            if saved.get(k) != model_config.get(k)
-        }
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"{marker_path} is unreadable ({e})") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise CorruptCheckpoint(
+            f"{marker_path} has no file checksums (written by an older capsfast or damaged)"
+        )
+    for name, digest in marker["files"].items():
+        file = Path(path) / name
+        if not file.is_file():
+            raise CorruptCheckpoint(f"{file} is missing")
+        if _sha256(file) != digest:
+            raise CorruptCheckpoint(f"{file} does not match its recorded SHA-256 (corrupted)")
+    return marker
+
+
+DATA_FLAGS = {"batch_size": "--batch-size", "seed": "--seed", "val_size": "--val-size"}
+
+
+def check_identity(path: Path, marker: dict, identity: dict) -> None:
+    """Refuse a checkpoint of a different model, or of a different data stream (batch, seed or
+    validation split: the step would then point at other samples, and the learning rate at
+    another batch), in one line that names the original values."""
+    saved, now = marker.get("model", {}), identity["model"]
+    if saved != now:
+        diff = {k: f"{saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)}  # fmt: skip
         raise CheckpointError(
             f"checkpoint {path} holds a different model ({diff}, checkpoint -> now): pass the "
             "model flags it was trained with (e.g. --routing-iters) or use a new --output-dir"
         )
-    accelerator.load_state(str(path))
+    saved, now = marker.get("data", {}), identity["data"]
+    changed = [k for k in sorted(now) if k in saved and saved[k] != now[k]]
+    if changed:
+        was = ", ".join(f"{DATA_FLAGS.get(k, k)} {saved[k]}" for k in changed)
+        raise CheckpointError(
+            f"checkpoint {path} was trained with {was}; a resumed run must keep it (the step "
+            "counts batches of the same data stream): resume with the same value, or start a "
+            "new --output-dir"
+        )
 
 
-def resume(
-    accelerator, spec: str | None, output_dir: Path, model_config: dict, on_fresh_start=None
-) -> Path | None:
-    """Load what `--resume` names. `auto`: the newest complete checkpoint that loads; corrupt or
-    half-written ones are skipped with a warning; none at all means a fresh start (after
-    `on_fresh_start()`, which undoes whatever a failed load had already put in place).
-    The main process lists the checkpoints and every rank tries the same ones in the same order."""
+def load_checkpoint(accelerator, path: Path, identity: dict) -> None:
+    """Verify, check identity, load (every rank). CorruptCheckpoint if it does not load."""
+    marker = verify(path)
+    check_identity(path, marker, identity)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # any failure of a verified checkpoint to load is its damage
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CorruptCheckpoint(f"{path} does not load ({type(e).__name__}: {first})") from None
+
+
+def resume(accelerator, spec: str | None, output_dir: Path, identity: dict, on_fresh_start=None):
+    """Load what `--resume` names; returns its path, or None for a fresh start.
+
+    PATH: that checkpoint, or a one-line error. `auto`: the newest checkpoint that verifies and
+    loads; a corrupt one is skipped with a warning that names it and says why, and the next one
+    is tried; none at all means a fresh start (after `on_fresh_start()`, which undoes whatever a
+    failed load had put in place). Every rank tries the same checkpoints in the same order."""
     if spec is None:
         return None
     if spec != "auto":
-        if not Path(spec).is_dir():
-            raise CheckpointError(f"--resume {spec}: no such checkpoint directory")
-        load_checkpoint(accelerator, Path(spec), model_config)
-        return Path(spec)
+        path = Path(spec)
+        if not (path / MARKER).is_file():
+            raise CheckpointError(
+                f"--resume {spec}: not a checkpoint directory (no {MARKER}); pass a "
+                "checkpoints/step-* directory or --resume auto"
+            )
+        try:
+            load_checkpoint(accelerator, path, identity)
+        except CorruptCheckpoint as e:
+            raise CheckpointError(
+                f"--resume {spec}: {e}; choose another checkpoint or --resume auto"
+            ) from None
+        return path
     from accelerate.utils import broadcast_object_list
 
     candidates = [list_checkpoints(output_dir) if accelerator.is_main_process else None]
@@ -121,16 +225,11 @@ def resume(
         broadcast_object_list(candidates)
     for path in candidates[0]:
         try:
-            load_checkpoint(accelerator, path, model_config)
+            load_checkpoint(accelerator, path, identity)
             failed = 0.0
-        except CheckpointError:
-            raise
-        except Exception as e:  # truncated tensors, bad JSON, missing files
+        except CorruptCheckpoint as e:
             failed = 1.0
-            accelerator.print(
-                f"capsfast: warning: skipping unreadable checkpoint {path} "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            )
+            accelerator.print(f"capsfast: warning: skipping checkpoint {path}: {e}")
         if accelerator.num_processes > 1:  # all ranks load it, or none uses it
             flag = torch.tensor(failed, device=accelerator.device)
             failed = accelerator.reduce(flag, reduction="sum").item()
@@ -139,15 +238,20 @@ def resume(
     if candidates[0] and on_fresh_start is not None:
         on_fresh_start()
     accelerator.print(
-        f"capsfast: --resume auto: no complete checkpoint in {output_dir}/checkpoints; "
-        "starting fresh"
+        f"capsfast: --resume auto: no usable checkpoint in {output_dir}/checkpoints; starting fresh"
     )
     return None
 
 
+# Tests stop a run at a named phase of its end (validation, export, test, ...) with a real
+# signal: CAPSFAST_TEST_SIGNAL_AT=<phase> sends SIGTERM to this process as the phase starts.
+TEST_SIGNAL_ENV = "CAPSFAST_TEST_SIGNAL_AT"
+
+
 class StopRequest:
-    """SIGTERM and SIGINT (pre-emption, Ctrl-C) set a flag; the training loop saves a checkpoint
-    at the next step boundary and exits. A second Ctrl-C stops at once."""
+    """SIGTERM and SIGINT (pre-emption, Ctrl-C) set a flag; the run saves at the next step
+    boundary (or, at its end, keeps the final checkpoint) and exits. A second Ctrl-C stops at
+    once: KeyboardInterrupt, never inside a rename, so the last complete checkpoint stays."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -166,13 +270,19 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signum
 
+    def phase(self, name: str) -> None:
+        """Mark the start of a phase of the run's end (the test hook's place)."""
+        if os.environ.get(TEST_SIGNAL_ENV) == name:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
 class GoodState:
-    """An in-memory copy of model, optimiser and EMA taken whenever the loss was last seen finite.
+    """An in-memory copy of model, optimiser, EMA and TrainState taken whenever the loss was last
+    seen finite.
 
     The loop checks for non-finite values only every few steps (a check is a host sync); when one
     shows up, this copy is what gets saved, so no work past the last good step is lost and no
@@ -188,10 +298,11 @@ class GoodState:
         if isinstance(obj, torch.Tensor):
             return obj.detach().clone()
         if isinstance(obj, dict):
-            return {k: GoodState._clone(v) for k, v in obj.items()}
+            # TrainState's records are append-only: a copy of the list is a copy of them.
+            return {k: list(v) if k == "records" else GoodState._clone(v) for k, v in obj.items()}
         if isinstance(obj, list):
             return [GoodState._clone(v) for v in obj]
-        return copy.deepcopy(obj)
+        return copy.copy(obj)
 
     def take(self, step: int, **stateful) -> None:
         self.step = step

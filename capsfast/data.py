@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def _read_idx(path: Path, kind: str, expected_count: int) -> torch.Tensor:
                         "capsfast)"
                     )
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e}); the file is truncated or corrupt") from None
     ndim = 3 if kind == "images" else 1
     magic = 0x0800 | ndim  # unsigned byte data, ndim dimensions
@@ -134,7 +135,10 @@ def split_train_val(mnist: MNIST, val_size: int, seed: int = 0):
     """Hold `val_size` training images out (a fixed, seeded choice) for checkpoint selection."""
     n = mnist.train_images.shape[0]
     if not 0 <= val_size < n:
-        raise ValueError(f"--val-size must be in [0, {n}), got {val_size}")
+        raise DataError(
+            f"--val-size {val_size} leaves no training images: it must be below the {n:,} "
+            "training images (0: no validation split)"
+        )
     g = torch.Generator().manual_seed(10_007 + seed)
     order = torch.randperm(n, generator=g).to(mnist.train_images.device)
     val, train = order[:val_size], order[val_size:]
@@ -195,7 +199,7 @@ class TrainBatches:
 
     def __init__(self, images, labels, global_batch, seed, max_shift, rank=0, world_size=1):
         if global_batch % world_size:
-            raise ValueError(
+            raise DataError(
                 f"--batch-size {global_batch} is the global batch and must be divisible by the "
                 f"{world_size} processes"
             )
@@ -204,8 +208,9 @@ class TrainBatches:
         self.seed, self.max_shift, self.rank = seed, max_shift, rank
         self.steps_per_epoch = images.shape[0] // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"--batch-size {global_batch} is larger than the {images.shape[0]} training images"
+            raise DataError(
+                f"--batch-size {global_batch} is larger than the {images.shape[0]:,} training "
+                "images (after the validation split): choose a smaller --batch-size"
             )
 
     def batch(self, epoch: int, step_in_epoch: int, order: torch.Tensor | None = None):

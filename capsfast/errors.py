@@ -20,6 +20,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 class UserError(Exception):
     """A failure the user can fix; str(error) is the whole message (one line, says what to do)."""
 
+    exit_code = EXIT_USER_ERROR
+
+
+class Interrupted(UserError):
+    """Stopped at once by the user (a second Ctrl-C); the message says what was kept."""
+
+    exit_code = EXIT_INTERRUPTED
+
 
 # What to say about an operating-system error, by errno.
 _OS_ADVICE = {
@@ -47,10 +55,11 @@ def describe_os_error(e: OSError) -> str:
 
 def run_main(main: Callable[[list[str] | None], int], prog: str, argv=None) -> int:
     """Call `main(argv)` and turn every expected failure into `prog: error: ...` on stderr."""
+    code = EXIT_USER_ERROR
     try:
         return main(argv)
     except UserError as e:
-        message = str(e)
+        message, code = str(e), e.exit_code
     except ModuleNotFoundError as e:
         if e.name is None or e.name.split(".")[0] == "capsfast":
             raise  # capsfast itself is broken: a bug
@@ -64,4 +73,4 @@ def run_main(main: Callable[[list[str] | None], int], prog: str, argv=None) -> i
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return code

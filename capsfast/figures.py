@@ -119,25 +119,27 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_curves(records: list[dict], path: str | Path) -> Path:
-    """Loss, accuracy and learning rate per epoch; keys left out or None are skipped."""
+    """Loss, accuracy and learning rate against the optimiser step, from metrics.jsonl's records:
+    one point per logged window (`kind: train`, every --log-every steps), so a run shorter than
+    an epoch has a readable curve, and validation accuracy at each epoch end (`kind: epoch`).
+    Keys left out or None are skipped."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
     panels = [
-        (axes[0], ("train_loss", "margin_loss", "recon_loss"), "loss", True),
-        (axes[1], ("train_accuracy", "val_accuracy"), "accuracy", False),
-        (axes[2], ("lr",), "learning rate", True),
+        (axes[0], [(train, k) for k in ("train_loss", "margin_loss", "recon_loss")], "loss", True),
+        (axes[1], [(train, "train_accuracy"), (epochs, "val_accuracy")], "accuracy", False),
+        (axes[2], [(train, "lr")], "learning rate", True),
     ]
-    for ax, keys, title, log in panels:
+    for ax, series, title, log in panels:
         drawn = False
-        for key in keys:
-            pts = [
-                (r["epoch"], r[key])
-                for r in records
-                if r.get(key) is not None and r.get("epoch") is not None
-            ]
+        for rows, key in series:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", markersize=3, label=key)
+                style = {"marker": "o", "markersize": 4} if rows is epochs or len(pts) < 30 else {}
+                ax.plot(xs, ys, label=key, **style)
                 drawn = True
         if drawn:
             if log and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
@@ -146,7 +148,7 @@ def plot_curves(records: list[dict], path: str | Path) -> Path:
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimiser step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

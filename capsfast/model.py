@@ -1,4 +1,4 @@
-"""CapsNet (Sabour, Frosst & Hinton 2017) exactly as ../shared/SPEC.md specifies it.
+"""CapsNet (Sabour, Frosst & Hinton 2017) exactly as docs/spec.md specifies it.
 
 image [B,1,28,28] -> Conv1 (256, 9x9, ReLU) -> PrimaryCaps (32 types x 8D on a 6x6 grid)
   -> DigitCaps (W_ij per pair, routing, bias) -> 10 capsules of 16D
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsfast.routing import IMPLS, digit_caps, resolve_impl, safe_norm, squash
+from capsfast.routing import IMPLS, implementation, resolve_impl, safe_norm, squash
 
 
 @dataclass
@@ -96,16 +96,27 @@ class DigitCaps(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(cfg.num_classes, cfg.digit_dim)) if cfg.digit_bias else None
         )
-        self.impl = "auto"  # which routing implementation runs; set by CapsNet.set_routing
+        self.set_routing("auto")
+
+    def set_routing(self, impl: str) -> None:
+        """Resolve the routing implementation once, for the device W is on, into the function
+        that runs (`auto` is resolved again when the module moves: see _apply)."""
+        if impl not in ("auto", *IMPLS):
+            raise ValueError(f"routing must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
+        self.requested_routing = impl
+        self.routing = resolve_impl(impl, self.W.device)
+        self._digit_caps = implementation(self.routing)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .cpu(): `auto` follows the device (as nn.RNNBase re-flattens here).
+        module = super()._apply(fn, *args, **kwargs)
+        if self.requested_routing == "auto":
+            self.set_routing("auto")
+        return module
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return digit_caps(
-            u,
-            self.W,
-            self.iterations,
-            bias=self.bias,
-            detach_inner=self.detach_inner,
-            impl=self.impl,
+        return self._digit_caps(
+            u, self.W, self.iterations, bias=self.bias, detach_inner=self.detach_inner
         )
 
 
@@ -144,15 +155,14 @@ class CapsNet(nn.Module):
         self.set_routing(routing)
 
     def set_routing(self, impl: str) -> None:
-        """Choose the routing implementation: auto, torch, triton or fused (`--routing`)."""
-        if impl not in ("auto", *IMPLS):
-            raise ValueError(f"routing must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
-        self.digit.impl = impl
+        """Choose the routing implementation (`--routing`): auto, torch, triton or fused; auto
+        resolves for the device the model is on (and again when it moves)."""
+        self.digit.set_routing(impl)
 
     @property
     def routing(self) -> str:
-        """The implementation that runs on this model's device (auto resolved)."""
-        return resolve_impl(self.digit.impl, self.digit.W.device)
+        """The routing implementation that runs (auto resolved)."""
+        return self.digit.routing
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 1, 28, 28] in [0, 1] -> poses v [B, num_classes, digit_dim]."""
@@ -191,3 +201,13 @@ def reconstruction_loss(
     """weight * sum over pixels of the squared error, mean over the batch."""
     err = (reconstructions.float() - images.float()).pow(2).flatten(1).sum(1)
     return weight * err.mean()
+
+
+def compute_loss(model, images: torch.Tensor, labels: torch.Tensor, recon_weight: float = 0.0005):
+    """The training objective (docs/spec.md): forward with the true labels (the decoder sees the
+    true class's capsule), margin loss + recon_weight x reconstruction loss.
+    Returns (output, total, margin, reconstruction)."""
+    out = model(images, labels)
+    margin = margin_loss(out.lengths, labels)
+    recon = reconstruction_loss(out.reconstructions, images, recon_weight)
+    return out, margin + recon, margin, recon

@@ -22,6 +22,7 @@ Implementations (the trainer's `--routing` names them):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -155,15 +156,38 @@ def digit_caps(
 ) -> torch.Tensor:
     """DigitCaps: u [B, I, Din] and W [I, J, D, Din] to v [B, J, D] in u's dtype."""
     _check_digit_caps_args(u, W)
-    impl = resolve_impl(impl, u.device)
+    run = implementation(resolve_impl(impl, u.device))
+    return run(u, W, int(iterations), bias=bias, detach_inner=detach_inner)
+
+
+def implementation(impl: str) -> Callable[..., torch.Tensor]:
+    """The DigitCaps function of a concrete routing implementation (torch, triton or fused), with
+    digit_caps's signature; the kernels are imported here, once, not on every call."""
+    if impl == "torch":
+        return _digit_caps_torch
+    if impl == "triton":
+        from capsfast.kernels.routing import route_triton
+
+        def _digit_caps_triton(u, W, iterations=3, *, bias=None, detach_inner=False):
+            u_hat = pose_transform(*_common_dtype(u, W))
+            v = route_triton(u_hat, iterations, bias=bias, detach_inner=detach_inner)
+            return v.to(u.dtype)
+
+        return _digit_caps_triton
     if impl == "fused":
         from capsfast.kernels.digit_caps import digit_caps_fused
 
-        return digit_caps_fused(u, W, int(iterations), bias=bias, detach_inner=detach_inner)
-    if u.dtype != W.dtype:  # e.g. bf16 activations with an fp32 master W, outside autocast
-        common = torch.promote_types(u.dtype, W.dtype)
-        u_hat = pose_transform(u.to(common), W.to(common))
-    else:
-        u_hat = pose_transform(u, W)
-    v = route(u_hat, iterations, bias=bias, detach_inner=detach_inner, impl=impl)
+        return digit_caps_fused
+    raise ValueError(f"routing implementation must be one of {', '.join(IMPLS)}; got {impl!r}")
+
+
+def _common_dtype(u: torch.Tensor, W: torch.Tensor):
+    if u.dtype == W.dtype:
+        return u, W
+    common = torch.promote_types(u.dtype, W.dtype)  # bf16 activations, fp32 master W
+    return u.to(common), W.to(common)
+
+
+def _digit_caps_torch(u, W, iterations=3, *, bias=None, detach_inner=False):
+    v = route_torch(pose_transform(*_common_dtype(u, W)), iterations, bias, detach_inner)
     return v.to(u.dtype)

@@ -1,27 +1,28 @@
-"""Training: Accelerate end to end, MNIST on the device, checkpoints, summary.json.
+"""Training: `train(cfg)` reads top to bottom: set-up, the step loop, the end of the run.
 
 One optimiser step:
-    x, y = batches.batch(epoch, k)            # device-side shuffle + per-sample shift (data.py)
-    out  = model(x, y)                        # CapsNet; the decoder sees the true label's capsule
-    loss = margin(out.lengths, y) + 0.0005 * recon(out.reconstructions, x)
-    accelerator.backward(loss); optimizer.step(); scheduler.step()
+    x, y = batches.batch(epoch, k, order)      # device-side shuffle + per-sample shift (data.py)
+    out, loss, margin, recon = compute_loss(model, x, y)       # model.py: margin + 0.0005 recon
+    accelerator.backward(loss); optimizer.step()               # lr set from (config, step)
 
-The host meets the device only at sync points: every `log_every` steps (loss and learning rate,
-progress bar, the non-finite check, stop requests), at epoch ends (validation) and checkpoints.
+The host meets the device only at sync points: every `log_every` steps (losses, learning rate,
+progress, the non-finite check, stop requests), at epoch ends (validation, export) and at
+checkpoints. Run set-up (device, precision, compile, routing, world size) is runtime.py; what a
+checkpoint holds and how a stop is requested, checkpoint.py; the losses, model.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from capsfast import runtime
 from capsfast.checkpoint import (
-    CheckpointError,
     GoodState,
     StopRequest,
     TrainState,
@@ -29,7 +30,7 @@ from capsfast.checkpoint import (
     resume,
     save_checkpoint,
 )
-from capsfast.config import TrainConfig, preset_mixed_precision
+from capsfast.config import TrainConfig
 from capsfast.data import (
     MNIST,
     TrainBatches,
@@ -39,10 +40,17 @@ from capsfast.data import (
     to_float,
 )
 from capsfast.ema import EMA
-from capsfast.errors import UserError
-from capsfast.export import load_model, save_model
-from capsfast.model import CapsNet, ModelConfig, margin_loss, reconstruction_loss
-from capsfast.provenance import git_commit, package_version
+from capsfast.errors import Interrupted, UserError, describe_os_error
+from capsfast.export import load_model, read_config, save_model
+from capsfast.model import CapsNet, ModelConfig, compute_loss
+from capsfast.provenance import git_commit, versions
+
+EXIT_STOPPED = 3  # stopped on request (SIGTERM, Ctrl-C) after saving: resume with --resume auto
+END_PHASES = ("checkpoint", "validation", "test", "summary", "figures")  # the end, in order
+
+
+class TrainingError(UserError):
+    """A run that cannot go on; the message says why and what to do."""
 
 
 def _process_start() -> float:
@@ -59,86 +67,7 @@ def _process_start() -> float:
 PROCESS_START = _process_start()
 
 
-class TrainingError(UserError):
-    """A run that cannot go on; the message says why and what to do."""
-
-
-# --------------------------------------------------------------------------- run set-up
-def resolve_mixed_precision(cfg: TrainConfig, on_cuda: bool) -> str:
-    """The flag, else the launcher's setting (`accelerate launch` exports `no` when nothing was
-    asked, so `no` there means "not set"), else the preset's choice on CUDA, else fp32."""
-    if cfg.mixed_precision is not None:
-        return cfg.mixed_precision
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if launcher != "no":
-        return launcher
-    return preset_mixed_precision(cfg.preset) if on_cuda else "no"
-
-
-def resolve_compile(cfg: TrainConfig, on_cuda: bool) -> bool:
-    """The flag, else the launcher's dynamo backend, else on for CUDA and off for CPU (where
-    compiling costs about 45 s and gains nothing)."""
-    if cfg.compile is not None:
-        return cfg.compile
-    if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", ""):
-        return True
-    return on_cuda
-
-
-def check_world_size(world: int) -> None:
-    """Refuse a launch that asked for several processes but runs alone: every copy would train
-    the whole model on its own, N times the work for one result."""
-    if world != 1:
-        return
-    env = os.environ
-    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
-        # `accelerate launch --cpu --num_processes N` sets a rendezvous address, then starts one.
-        raise TrainingError(
-            "the launcher set up a process group (MASTER_ADDR) but this run has world size 1. "
-            "On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-            "--num_processes N ...` (`--cpu --num_processes N` starts only one process)"
-        )
-    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
-    if tasks > 1 and "WORLD_SIZE" not in env:
-        raise TrainingError(
-            f"srun started {tasks} tasks but each has world size 1 and would train a full copy: "
-            "start one `accelerate launch` per node (see launch/slurm/train.sbatch)"
-        )
-
-
-def choose_routing(requested: str, device: torch.device, accelerator) -> str:
-    """`auto` picks triton on CUDA if its kernels compile and agree with the reference there,
-    else falls back to the reference with one warning; an explicit choice is used as is (and
-    fails loudly if it cannot run)."""
-    from capsfast.routing import resolve_impl
-
-    impl = resolve_impl(requested, device)
-    if impl == "torch":
-        return impl
-    try:
-        from capsfast.kernels.routing import triton_available
-
-        # An explicit choice is not probed: if the kernel fails, it fails loudly, in full.
-        ok, reason = triton_available(device, probe=requested == "auto")
-    except Exception as e:  # triton missing or broken at import
-        ok, reason = False, f"{type(e).__name__}: {e}"
-    if accelerator.num_processes > 1:  # one rank's failure sends every rank to the reference
-        flag = torch.tensor(0.0 if ok else 1.0, device=device)
-        if accelerator.reduce(flag, reduction="sum").item() > 0 and ok:
-            ok, reason = False, "the kernel failed on another rank"
-    if ok:
-        return impl
-    if requested != "auto":
-        raise TrainingError(
-            f"--routing {requested} cannot run on {device}: {reason}. Use --routing auto or torch"
-        )
-    accelerator.print(
-        f"capsfast: warning: --routing auto cannot use the {impl} kernel on {device} ({reason}); "
-        "using the torch reference. Pass --routing triton to see the full error."
-    )
-    return "torch"
-
-
+# --------------------------------------------------------------------------- pieces of a run
 def build_optimizer(model: CapsNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam; the decoder is its own group (the seed preset gives it its own rate, no decay)."""
     decoder = list(model.decoder.parameters())
@@ -153,31 +82,42 @@ def build_optimizer(model: CapsNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups)
 
 
-def model_config_from(cfg: TrainConfig) -> ModelConfig:
-    return ModelConfig(routing_iters=cfg.routing_iters, detach_inner=cfg.detach_inner)
+def set_learning_rate(optimizer, cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The schedule is a pure function of (config, step), applied before every step, so flags
+    given on a resume (--lr, --schedule, --epochs, ...) take effect from the resumed step.
+    Returns the encoder's rate."""
+    factor = cfg.lr_factor(step, total_steps)
+    encoder, decoder = optimizer.param_groups
+    encoder["lr"] = cfg.scaled_lr() * factor
+    decoder["lr"] = cfg.scaled_lr(cfg.decoder_lr) * factor
+    return encoder["lr"]
 
 
-# --------------------------------------------------------------------------- step and eval
-def compute_loss(model, x: torch.Tensor, y: torch.Tensor, recon_weight: float = 0.0005):
-    """Forward and both losses (SPEC.md): returns (output, total, margin, reconstruction)."""
-    out = model(x, y)  # training: the decoder sees the true label's capsule
-    margin = margin_loss(out.lengths, y)
-    recon = reconstruction_loss(out.reconstructions, x, recon_weight)
-    return out, margin + recon, margin, recon
+def all_finite(loss: torch.Tensor, model, mixed_precision: str) -> torch.Tensor:
+    """A device-side flag: loss and (except under fp16, whose GradScaler skips overflowing steps
+    itself) every gradient finite. No host sync."""
+    finite = torch.isfinite(loss)
+    if mixed_precision != "fp16":
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+    return finite
 
 
 @torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, accelerator, batch_size: int):
+def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | None = None):
     """(accuracy, count) over all `images`, each counted exactly once across ranks: rank r takes
     a contiguous shard and the correct/total counts are summed (on-device batching has no padded
-    duplicates for gather_for_metrics to drop, so the counts are reduced instead)."""
+    duplicates for gather_for_metrics to drop). `desc`: a progress bar with that title."""
+    from tqdm.auto import tqdm
+
     n = images.shape[0]
     world, rank = accelerator.num_processes, accelerator.process_index
     lo, hi = n * rank // world, n * (rank + 1) // world
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    for start in range(lo, hi, batch_size):
+    quiet = desc is None or not accelerator.is_local_main_process
+    for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False, disable=quiet):
         x = to_float(images[start : min(hi, start + batch_size)])
         with accelerator.autocast():
             lengths = model(x).lengths
@@ -188,469 +128,184 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, accelerator, bat
     return counts[0].item() / max(1, counts[1].item()), int(counts[1].item())
 
 
-# --------------------------------------------------------------------------- the trainer
-class Trainer:
-    """Set up by __init__, run by run(); the loop's pieces are methods so each reads alone."""
+class Window:
+    """Device-side sums over the steps since the last sync: loss, margin and reconstruction loss
+    (each times the local batch), correct predictions, images; and a non-finite flag. Adding
+    never waits for the device; `read` is the sync (one transfer, reduced over ranks)."""
 
-    def __init__(self, cfg: TrainConfig, data: MNIST | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import TorchDynamoPlugin, set_seed
+    def __init__(self, device, local_batch: int):
+        self.sums = torch.zeros(5, device=device)
+        self.n = torch.tensor(float(local_batch), device=device)  # no host copy per step
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
-        from capsfast import tracking
+    @torch.no_grad()
+    def add(self, out, y, loss, margin, recon, finite) -> None:
+        correct = (out.lengths.argmax(1) == y).sum().float()
+        self.sums += torch.stack([loss * self.n, margin * self.n, recon * self.n, correct, self.n])
+        self.nonfinite |= ~finite
 
-        self.cfg = cfg.validate()
-        use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        on_cuda = torch.cuda.is_available() and not use_cpu
-        self.mixed_precision = resolve_mixed_precision(cfg, on_cuda)
-        self.compile = resolve_compile(cfg, on_cuda)
-        self.use_wandb = tracking.wandb_wanted(cfg.report_to)
-        self.accelerator = acc = Accelerator(
-            cpu=not on_cuda,
-            mixed_precision=self.mixed_precision,
-            log_with="wandb" if self.use_wandb else None,
-            project_dir=cfg.output_dir,
-            dynamo_plugin=TorchDynamoPlugin(
-                backend="inductor" if self.compile else "no", mode=cfg.compile_mode
-            ),
-            step_scheduler_with_optimizer=False,  # the schedule is defined in global steps
+    def read(self, accelerator, stop_requested: bool) -> tuple[list[float], bool, bool]:
+        """(sums over all ranks, any rank non-finite, any rank asked to stop); then resets."""
+        flags = torch.stack([self.nonfinite.float(), self.n.new_tensor(float(stop_requested))])
+        packed = torch.cat([self.sums, flags])
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        values = packed.tolist()
+        self.sums.zero_()
+        self.nonfinite.zero_()
+        return values[:5], values[5] > 0, values[6] > 0
+
+
+def means(sums: list[float]) -> dict:
+    loss, margin, recon, correct, n = sums
+    keys = ("train_loss", "margin_loss", "recon_loss", "train_accuracy")
+    return dict(
+        zip(
+            keys,
+            (None,) * 4 if n == 0 else (loss / n, margin / n, recon / n, correct / n),
+            strict=True,
         )
-        self.device = acc.device
-        self.world = acc.num_processes
-        check_world_size(self.world)
-        if self.device.type == "cpu":
-            # `accelerate launch` sets OMP_NUM_THREADS=1 unless told: 1.5x slower on 2 cores.
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-            torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local))
-        self.out = Path(cfg.output_dir)
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-        set_seed(cfg.seed)
+    )
 
-        # Data: everything on the device as uint8, for the whole run.
-        with acc.main_process_first():
-            mnist = data if data is not None else load_mnist(cfg.data_dir, download=cfg.download)
-        mnist = mnist.to(self.device)
-        (self.train_x, train_y), (self.val_x, self.val_y) = split_train_val(
-            mnist, cfg.val_size, seed=cfg.seed
-        )
-        self.test_x, self.test_y = mnist.test_images, mnist.test_labels
-        if cfg.test_size is not None:
-            self.test_x, self.test_y = self.test_x[: cfg.test_size], self.test_y[: cfg.test_size]
-        self.batches = TrainBatches(
-            self.train_x,
-            train_y,
-            cfg.batch_size,
-            cfg.seed,
-            cfg.max_shift,
-            rank=acc.process_index,
-            world_size=self.world,
-        )
-        self.steps_per_epoch = self.batches.steps_per_epoch
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
-        # Model, optimiser, schedule, EMA, and the state a checkpoint holds.
-        self.model_cfg = model_config_from(cfg)
-        model = CapsNet(self.model_cfg).to(self.device)
-        self.routing = choose_routing(cfg.routing, self.device, acc)
-        model.set_routing(self.routing)
-        optimizer = build_optimizer(model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cfg.lr_factor(step, self.total_steps)
+class Clock:
+    """Throughput at steady state: from the first sync after `warmup` steps (compilation,
+    allocator), leaving out the time spent evaluating and checkpointing (`paused`)."""
+
+    def __init__(self, step: int, warmup: int):
+        self.start, self.warmup = step, warmup
+        self.t0 = self.step0 = None
+        self.excluded = 0.0
+        self.last_t, self.last_step = time.perf_counter(), step
+
+    def tick(self, step: int) -> tuple[float, bool]:
+        """At a sync: (seconds per step since the last tick, whether this is the first window
+        measured at steady state: the moment for the run's time estimate)."""
+        now = time.perf_counter()
+        per_step = (now - self.last_t) / max(1, step - self.last_step)
+        first_steady = self.t0 is not None and self.last_step == self.step0
+        if self.t0 is None and step - self.start >= self.warmup:
+            self.t0, self.step0 = now, step
+        self.last_t, self.last_step = now, step
+        return per_step, first_steady
+
+    @contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        yield
+        spent = time.perf_counter() - t
+        self.excluded += spent if self.t0 is not None else 0.0
+        self.last_t += spent
+
+    def images_per_second(self, step: int, batch: int) -> float | None:
+        if self.t0 is None or step <= self.step0:
+            return None
+        return (
+            (step - self.step0) * batch / max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         )
-        self.ema = None
-        if cfg.ema_decay > 0:
-            self.ema = EMA(model, cfg.ema_decay)
-            acc.register_for_checkpointing(self.ema)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        raw = acc.unwrap_model(self.model)
-        self.raw_model = getattr(raw, "_orig_mod", raw)  # the CapsNet under torch.compile too
-        acc.register_for_checkpointing(self.scheduler)
-        self.state = TrainState()
-        acc.register_for_checkpointing(self.state)
-        initial = GoodState()  # a failed half-load must not leak into a fresh start
-        initial.take(0, **self._stateful())
+
+
+def estimate_line(per_step: float, steps_left: int, batch: int) -> str:
+    hours = per_step * steps_left / 3600
+    left = f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+    return (f"capsfast: {per_step:.3g} s/step ({batch / per_step:,.0f} img/s): the remaining "
+            f"{steps_left:,} steps take about {left}, plus validation at each epoch end")  # fmt: skip
+
+
+def epoch_line(r: dict) -> str:
+    val = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}"
+    return (f"epoch {r['epoch']:g} step {r['step']}: loss {r['train_loss']:.4f} (margin "
+            f"{r['margin_loss']:.4f}, recon {r['recon_loss']:.4f}), train acc "
+            f"{r['train_accuracy']:.4f}, val acc {val}, lr {r['lr']:.2e}, "
+            f"{r['epoch_seconds']:.1f} s, {r['images_per_second'] or 0:.0f} img/s")  # fmt: skip
+
+
+def make_output_dir(path: str, accelerator) -> Path:
+    """The run directory, created and checked writable, or a one-line error."""
+    out = Path(path)
+    if accelerator.is_main_process:
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"--output-dir {out} is a file: choose a directory")
         try:
-            self.resumed_from = resume(
-                acc,
-                cfg.resume,
-                self.out,
-                self.model_cfg.to_dict(),
-                on_fresh_start=lambda: initial.restore(**self._stateful()),
-            )
-        except CheckpointError as e:
-            raise TrainingError(str(e)) from None
-        if self.resumed_from is not None:
-            acc.print(f"capsfast: resumed from {self.resumed_from} at step {self.state.step}")
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".capsfast-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise TrainingError(
+                f"--output-dir {out} is not writable ({describe_os_error(e)}): choose another"
+            ) from None
+    accelerator.wait_for_everyone()
+    return out
 
-        self.config_record = {
-            **cfg.to_dict(),
-            "model": self.model_cfg.to_dict(),
-            "resolved": {
-                "mixed_precision": self.mixed_precision,
-                "compile": self.compile,
-                "routing": self.routing,
-                "world_size": self.world,
-                "lr_scaled": cfg.scaled_lr(),
-                "steps_per_epoch": self.steps_per_epoch,
-                "total_steps": self.total_steps,
-                "train_size": int(self.train_x.shape[0]),
-            },
-        }
-        if self.use_wandb:
-            self.use_wandb = tracking.init_tracking(
-                acc, self.config_record, cfg.wandb_project, str(self.out), self.out.name
-            )
-        self.metrics_path = self.out / "metrics.jsonl"
-        if acc.is_main_process:
-            (self.out / "config.json").write_text(json.dumps(self.config_record, indent=2) + "\n")
-            # Rewritten from the checkpoint's records, so a resumed run has no duplicate lines.
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.state.records))
-        acc.print(
-            f"capsfast: {self.world} process(es) on {self.device}, {self.mixed_precision}, "
-            f"compile={self.compile}, routing={self.routing}, global batch {cfg.batch_size}, "
-            f"lr {cfg.scaled_lr():.3g}, {self.total_steps} steps ({self.steps_per_epoch}/epoch)"
-        )
 
-    @property
-    def eval_model(self):
-        """What is validated, tested and exported: the EMA weights when EMA is on."""
-        return self.ema.module if self.ema is not None else self.raw_model
+def append_record(record: dict, state: TrainState, out: Path, accelerator) -> None:
+    """One line of metrics.jsonl (the TrainState keeps them all, so a resume rewrites it)."""
+    state.records.append(record)
+    if accelerator.is_main_process:
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
+
+def export_if_best(model, val, state: TrainState, out: Path, accelerator, meta: dict) -> bool:
+    """Export to out/model when `val` is the run's best validation accuracy so far (no
+    validation split: the latest model is the best). The best so far lives in the TrainState of
+    every checkpoint and in the export's config.json, so no export replaces a better one of the
+    same run, even after a resume from a checkpoint older than the export."""
+    exported = out / "model"
+    try:
+        previous = read_config(exported)["meta"] if (exported / "config.json").is_file() else {}
+    except UserError:
+        previous = {}  # a damaged export is replaced
+    if previous.get("run_id") == state.run_id and previous.get("val_accuracy") is not None:
+        state.best_val_accuracy = max(state.best_val_accuracy, previous["val_accuracy"])
+    if val is not None and val <= state.best_val_accuracy:
+        return False
+    state.best_val_accuracy = -1.0 if val is None else val
+    if accelerator.is_main_process:
+        try:
+            save_model(model, exported, meta={**meta, "step": state.step, "val_accuracy": val})
+        except OSError as e:
+            raise TrainingError(
+                f"cannot export the model to {exported} ({describe_os_error(e)}); the checkpoints "
+                "are intact: free space, then run the same command with --resume auto"
+            ) from None
+    accelerator.wait_for_everyone()
+    return True
+
+
+def validate_and_export(acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
+                        steps_per_epoch, train_stats, images_per_second=None, desc=None) -> dict:  # fmt: skip
+    """Validate, export if best, append the epoch record (metrics.jsonl) and log it."""
+    t = time.time()
+    val = None
+    if len(val_x):
+        val, _ = evaluate(eval_model, val_x, val_y, acc, cfg.eval_batch_size, desc=desc)
+    export_if_best(eval_model, val, state, out, acc, meta)
+    epochs = [r for r in state.records if r["kind"] == "epoch"]
+    now = time.time()
+    record = {"kind": "epoch", "epoch": round(state.step / steps_per_epoch, 4), "step": state.step,
+              **train_stats, "val_accuracy": val, "lr": optimizer.param_groups[0]["lr"],
+              "epoch_seconds": now - (epochs[-1]["time"] if epochs else PROCESS_START),
+              "eval_seconds": now - t, "images_per_second": images_per_second, "time": now}  # fmt: skip
+    append_record(record, state, out, acc)
+    if val is not None:
+        acc.log({"val/accuracy": val, "epoch": record["epoch"]}, step=state.step)
+    return record
+
+
+def say(accelerator, message: str) -> None:
+    """Print on the main process above the progress bar (not into its line)."""
+    if accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        cfg, acc, dev = self.cfg, self.accelerator, self.device
-        self.model.train()
-        # Device-side accumulators: loss, margin, recon, correct, count since the last epoch end.
-        self.stats = torch.tensor(self.state.epoch_stats, device=dev)  # restored on resume
-        self.local_batch = torch.tensor(float(self.batches.local_batch), device=dev)
-        self.last_loss = torch.zeros((), device=dev)
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-        self.good = GoodState()
-        self._take_good()
-        start = self.state.step
-        measure_from = 3 if self.total_steps - start >= 10 else 0  # skip compile and warm-up
-        t0 = steps0 = None
-        self.excluded = 0.0  # evaluation and checkpoint time inside the timed window
-        order_epoch, bar = -1, None
-        try:
-            with StopRequest() as stop:
-                while self.state.step < self.total_steps:
-                    step = self.state.step
-                    epoch, k = divmod(step, self.steps_per_epoch)
-                    if t0 is None and step - start == measure_from:
-                        t0, steps0 = self._sync_time(), step
-                    if order_epoch != epoch:
-                        order = epoch_permutation(self.train_x.shape[0], cfg.seed, epoch, dev)
-                        order_epoch = epoch
-                        if bar is not None:
-                            bar.close()
-                        steps_this_epoch = min(
-                            self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch
-                        )
-                        bar = tqdm(
-                            total=steps_this_epoch * cfg.batch_size,
-                            initial=k * cfg.batch_size,
-                            desc=f"epoch {epoch + 1}",
-                            unit="img",
-                            unit_scale=True,
-                            leave=False,
-                            disable=not acc.is_local_main_process,
-                            dynamic_ncols=True,
-                        )
-                    self._step(epoch, k, order)
-                    bar.update(cfg.batch_size)  # no host sync: the bar only counts images
+        tqdm.write(message)
 
-                    step = self.state.step
-                    end_of_epoch = step % self.steps_per_epoch == 0
-                    checkpoint_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                    local_stop = stop.signal is not None
-                    if (
-                        step % cfg.log_every == 0
-                        or step == self.total_steps
-                        or end_of_epoch
-                        or checkpoint_due
-                        or (local_stop and self.world == 1)
-                    ):
-                        stop_now = self._sync_point(local_stop, bar)
-                        if end_of_epoch:
-                            t = time.time()
-                            self._end_epoch(bar)
-                            self.excluded += time.time() - t
-                        if checkpoint_due or stop_now:
-                            t = time.time()
-                            path = self._save()
-                            self.excluded += time.time() - t
-                        if stop_now:
-                            acc.print(
-                                f"capsfast: stopped on request (signal {stop.signal or 'on another rank'}) at step {step}; checkpoint"
-                                f" saved to {path}. Resume with the same command plus --resume auto."
-                            )
-                            acc.end_training()
-                            return {"stopped": True, "step": step, "checkpoint": str(path)}
-        finally:  # also on errors: the message must not land on the bar's line
-            if bar is not None:
-                bar.close()
-        t_end = self._sync_time()
-        ips = None
-        if t0 is not None and self.state.step > steps0:
-            seconds = t_end - t0 - self.excluded
-            ips = (self.state.step - steps0) * cfg.batch_size / max(seconds, 1e-9)
-        return self._finish(ips)
 
-    def _step(self, epoch: int, k: int, order: torch.Tensor) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        x, y = self.batches.batch(epoch, k, order)
-        if self.compile and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step's graphs
-        with acc.autocast():
-            out, loss, margin, recon = compute_loss(self.model, x, y, cfg.recon_weight)
-        acc.backward(loss)
-        finite = torch.isfinite(loss)
-        if self.mixed_precision != "fp16":  # fp16: the GradScaler handles overflowing gradients
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-        if cfg.skip_nonfinite:
-            # Opt-in: decide on the host, every step (one sync a step), and count the skips.
-            bad = (~finite).float()
-            if (acc.reduce(bad, reduction="sum") if self.world > 1 else bad).item() > 0:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.state.step += 1
-                self.state.skipped_steps += 1
-                return
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.raw_model)
-        with torch.no_grad():
-            self.nonfinite |= ~finite
-            n = self.batches.local_batch
-            correct = (out.lengths.argmax(1) == y).sum().float()
-            self.stats += torch.stack(
-                [
-                    loss.detach() * n,
-                    margin.detach() * n,
-                    recon.detach() * n,
-                    correct,
-                    self.local_batch,  # a device constant: no host-to-device copy per step
-                ]
-            )
-            self.last_loss = loss.detach().clone()  # CUDA graphs reuse their output buffers
-        self.state.step += 1
-
-    def _sync_point(self, local_stop: bool, bar) -> bool:
-        """The host looks: non-finite check, stop request, loss and lr. Returns `stop now`."""
-        acc, step = self.accelerator, self.state.step
-        flags = torch.stack(
-            [
-                self.nonfinite.float(),
-                torch.tensor(float(local_stop), device=self.device),
-                self.last_loss.float() / self.world,
-            ]
-        )
-        if self.world > 1:
-            flags = acc.reduce(flags, reduction="sum")  # any rank's NaN or stop stops all
-        nonfinite, stop, loss = flags.tolist()
-        if nonfinite > 0:
-            self._stop_nonfinite()
-        lr = self.scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        acc.log(
-            {"train/loss": loss, "train/lr": lr, "train/skipped_steps": self.state.skipped_steps},
-            step=step,
-        )
-        self.final_loss = loss
-        self._take_good()
-        return stop > 0
-
-    def _stateful(self) -> dict:
-        """What a checkpoint holds besides RNG: model, optimiser, schedule, state, EMA."""
-        extra = {"ema": self.ema} if self.ema is not None else {}
-        return dict(model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
-                    state=self.state, **extra)  # fmt: skip
-
-    def _take_good(self) -> None:
-        self.state.epoch_stats = self.stats.tolist()  # the epoch's running sums go along
-        self.good.take(self.state.step, **self._stateful())
-
-    def _stop_nonfinite(self) -> None:
-        """Save the last good state (restored from memory), then stop with the step range."""
-        bad_from, bad_to = self.good.step + 1, self.state.step
-        self.good.restore(**self._stateful())
-        self.stats = torch.tensor(self.state.epoch_stats, device=self.device)
-        path = self._save()
-        self.accelerator.end_training()
-        where = f"step {bad_to}" if bad_from == bad_to else f"steps {bad_from}-{bad_to}"
-        raise TrainingError(
-            f"non-finite loss at {where}; stopped. The last good state (step {self.good.step}) "
-            f"is saved in {path}. Lower --lr, prefer --mixed-precision bf16 to fp16, or pass "
-            "--skip-nonfinite to skip such steps; then add --resume auto."
-        )
-
-    def _end_epoch(self, bar) -> None:
-        acc = self.accelerator
-        rate = bar.format_dict.get("rate") or 0.0
-        record = self._validate_and_export(self._train_stats(), images_per_second=rate)
-        val = record["val_accuracy"]
-        acc.print(
-            f"epoch {record['epoch']:g} step {record['step']}: loss {record['train_loss']:.4f} "
-            f"(margin {record['margin_loss']:.4f}, recon {record['recon_loss']:.4f}), train acc "
-            f"{record['train_accuracy']:.4f}, val acc {'-' if val is None else f'{val:.4f}'}, "
-            f"lr {record['lr']:.2e}, {record['epoch_seconds']:.1f} s, {rate:.0f} img/s"
-        )
-        if self.use_wandb:
-            log_reconstructions(
-                acc,
-                self.eval_model,
-                self.val_x if len(self.val_x) else self.test_x,
-                self.state.step,
-            )
-
-    def _train_stats(self) -> dict:
-        s = self.stats.clone()
-        if self.world > 1:
-            s = self.accelerator.reduce(s, reduction="sum")
-        loss, margin, recon, correct, n = s.tolist()
-        self.stats.zero_()
-        if n == 0:
-            return {
-                "train_loss": None,
-                "margin_loss": None,
-                "recon_loss": None,
-                "train_accuracy": None,
-            }
-        return {
-            "train_loss": loss / n,
-            "margin_loss": margin / n,
-            "recon_loss": recon / n,
-            "train_accuracy": correct / n,
-        }
-
-    def _validate_and_export(self, train_stats: dict, images_per_second=None) -> dict:
-        """Validate; export to model/ when best so far (val_size 0: the latest is the best)."""
-        acc, state = self.accelerator, self.state
-        t = time.time()
-        val = None
-        if self.val_x.shape[0] > 0:
-            val, _ = evaluate(
-                self.eval_model, self.val_x, self.val_y, acc, self.cfg.eval_batch_size
-            )
-        if val is None or val > state.best_val_accuracy:
-            state.best_val_accuracy = -1.0 if val is None else val
-            state.best_step = state.step
-            if acc.is_main_process:
-                meta = {
-                    "step": state.step,
-                    "val_accuracy": val,
-                    "preset": self.cfg.preset,
-                    "seed": self.cfg.seed,
-                    "commit": git_commit(),
-                }
-                save_model(self.eval_model, self.out / "model", meta=meta)
-        acc.wait_for_everyone()
-        previous = state.records[-1]["time"] if state.records else PROCESS_START
-        now = time.time()
-        record = {
-            "epoch": round(state.step / self.steps_per_epoch, 4),
-            "step": state.step,
-            **train_stats,
-            "val_accuracy": val,
-            "lr": self.scheduler.get_last_lr()[0],
-            "epoch_seconds": now - previous,
-            "eval_seconds": now - t,
-            "images_per_second": images_per_second,
-            "time": now,
-        }
-        state.records.append(record)
-        if acc.is_main_process:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if val is not None:
-            acc.log({"val/accuracy": val, "epoch": record["epoch"]}, step=state.step)
-        return record
-
-    def _save(self) -> Path:
-        self.state.epoch_stats = self.stats.tolist()
-        return save_checkpoint(
-            self.accelerator,
-            self.out,
-            self.state.step,
-            self.model_cfg.to_dict(),
-            self.cfg.keep_checkpoints,
-        )
-
-    def _sync_time(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.time()
-
-    # ------------------------------------------------------------------ the end
-    def _finish(self, images_per_second: float | None) -> dict:
-        """Last validation (also after --max-steps mid-epoch), final checkpoint, test evaluation
-        of the exported model, summary.json, figures."""
-        from capsfast import tracking
-
-        cfg, acc, state = self.cfg, self.accelerator, self.state
-        if not state.records or state.records[-1]["step"] != state.step:
-            self._validate_and_export(self._train_stats())
-        from accelerate.utils import broadcast_object_list
-
-        newest = [list_checkpoints(self.out)[:1] if acc.is_main_process else None]
-        if self.world > 1:  # the main process decides, so every rank joins the same collectives
-            broadcast_object_list(newest)
-        if not newest[0] or newest[0][0].name != f"step-{state.step:08d}":
-            self._save()
-        exported = load_model(self.out / "model", device=self.device, routing=self.routing)
-        test_acc, test_n = evaluate(exported, self.test_x, self.test_y, acc, cfg.eval_batch_size)
-        wall = time.time() - PROCESS_START
-        cuda = self.device.type == "cuda"
-        summary = {
-            "test_accuracy": test_acc,
-            "test_size": test_n,
-            "best_val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None,
-            "final_train_loss": getattr(self, "final_loss", None),
-            "steps": state.step,
-            "epochs": state.step * cfg.batch_size / self.train_x.shape[0],
-            "world_size": self.world,
-            "wall_seconds": wall,
-            "images_per_second": images_per_second,
-            "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
-            "mixed_precision": self.mixed_precision,
-            "routing": self.routing,
-            "preset": cfg.preset,
-            "seed": cfg.seed,
-            "config": self.config_record,
-            "commit": git_commit(),
-            "torch": torch.__version__,
-            "triton": package_version("triton"),
-            "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if cuda else None,
-            "skipped_steps": state.skipped_steps,
-        }
-        if acc.is_main_process:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            from capsfast.figures import plot_curves, save_figures
-
-            plot_curves(state.records, self.out / "curves.png")
-            figures = save_figures(
-                exported, self.test_x[:1000], self.test_y[:1000], self.out / "figures"
-            )
-            if self.use_wandb:
-                images = {f"figures/{k}": str(v) for k, v in figures.items()}
-                images["figures/curves"] = str(self.out / "curves.png")
-                tracking.log_images(acc, images, state.step)
-            acc.print(
-                f"capsfast: test accuracy {test_acc:.4f} on {test_n} images (best val "
-                f"{summary['best_val_accuracy']}), {wall:.1f} s, {images_per_second or 0:.1f} "
-                f"img/s; model in {self.out / 'model'}"
-            )
-        if self.use_wandb:
-            acc.log({"test/accuracy": test_acc}, step=state.step)
-            tracking.set_summary(acc, summary)
-        acc.end_training()
-        return summary
+def resume_hint() -> str:
+    """How to go on: the same command, with --resume auto unless it has a --resume already."""
+    has_resume = any(a == "--resume" or a.startswith("--resume=") for a in sys.argv[1:])
+    return "run the same command again" + ("" if has_resume else " with --resume auto")
 
 
 def log_reconstructions(accelerator, model, images, step: int, n: int = 16) -> None:
@@ -668,20 +323,358 @@ def log_reconstructions(accelerator, model, images, step: int, n: int = 16) -> N
     tracking.log_images(accelerator, {"reconstructions": grid.permute(1, 2, 0).numpy()}, step)
 
 
+def prepare_model(model_cfg: ModelConfig, cfg: TrainConfig, accelerator):
+    """(model as trained: prepared, maybe compiled or DDP-wrapped; the CapsNet itself, which is
+    what gets saved and exported; optimiser; EMA or None)."""
+    model = CapsNet(model_cfg).to(accelerator.device)
+    model.set_routing(runtime.choose_routing(cfg.routing, accelerator.device, accelerator))
+    optimizer = build_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    return prepared, accelerator.unwrap_model(prepared, keep_torch_compile=False), optimizer, ema
+
+
+# --------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig, data: MNIST | None = None) -> dict:
     """Train as `cfg` says; returns the summary (also written to summary.json), or
-    {"stopped": True, ...} when a signal stopped the run after saving a checkpoint."""
-    return Trainer(cfg, data).run()
+    {"stopped": True, ...} when a signal stopped the run after saving a checkpoint.
+
+    Expected faults end in a one-line UserError that says what is kept and how to go on: a
+    failed write (a full disk) anywhere, a second Ctrl-C (stop at once)."""
+    try:
+        return run_training(cfg, data)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep what is on disk
+        raise Interrupted(interrupted_message(Path(cfg.output_dir))) from None
+    except OSError as e:  # a write that failed outside the checkpoint and export writers
+        raise TrainingError(
+            f"{describe_os_error(e)}; {checkpoint_note(Path(cfg.output_dir))}"
+        ) from None
+
+
+def run_training(cfg: TrainConfig, data: MNIST | None) -> dict:
+    from accelerate.utils import set_seed
+
+    from capsfast import tracking
+
+    cfg.validate()
+    acc, mixed_precision, compiled = runtime.make_accelerator(cfg)
+    device, world = acc.device, acc.num_processes
+    out = make_output_dir(cfg.output_dir, acc)
+    set_seed(cfg.seed)
+
+    # Data: everything on the device as uint8, for the whole run (data.py).
+    with acc.main_process_first():
+        mnist = data if data is not None else load_mnist(cfg.data_dir, download=cfg.download)
+    mnist = mnist.to(device)
+    (train_x, train_y), (val_x, val_y) = split_train_val(mnist, cfg.val_size, seed=cfg.seed)
+    test_x, test_y = mnist.test_images[: cfg.test_size], mnist.test_labels[: cfg.test_size]
+    batches = TrainBatches(train_x, train_y, cfg.batch_size, cfg.seed, cfg.max_shift,
+                           rank=acc.process_index, world_size=world)  # fmt: skip
+    steps_per_epoch = batches.steps_per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    # Model, optimiser, EMA, and what a checkpoint holds.
+    model_cfg = ModelConfig(routing_iters=cfg.routing_iters, detach_inner=cfg.detach_inner)
+    model, raw_model, optimizer, ema = prepare_model(model_cfg, cfg, acc)
+    eval_model = ema.module if ema is not None else raw_model  # validated, exported, tested
+    state = TrainState()
+    for obj in (state, ema):
+        if obj is not None:
+            acc.register_for_checkpointing(obj)
+    stateful = {"model": raw_model, "optimizer": optimizer, "state": state}
+    stateful.update({"ema": ema} if ema is not None else {})
+    identity = {"model": model_cfg.to_dict(),
+                "data": {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_size": cfg.val_size}}  # fmt: skip
+    initial = GoodState()  # a failed half-load must not leak into a fresh start
+    initial.take(0, **stateful)
+    resumed = resume(acc, cfg.resume, out, identity, lambda: initial.restore(**stateful))
+
+    parameters = sum(p.numel() for p in raw_model.parameters())
+    config_record = {**cfg.to_dict(), "model": model_cfg.to_dict(), "resolved": {
+        "mixed_precision": mixed_precision, "compile": compiled, "routing": raw_model.routing,
+        "world_size": world, "lr_scaled": cfg.scaled_lr(), "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps, "train_size": len(train_x), "parameters": parameters}}  # fmt: skip
+    use_wandb = bool(acc.log_with) and tracking.init_tracking(
+        acc, config_record, cfg.wandb_project, str(out), out.name
+    )
+    if acc.is_main_process:
+        (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
+        # Rewritten from the checkpoint's records, so a resumed run has no duplicate lines.
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.records))
+    source = "given by the caller" if data is not None else cfg.data_dir or "shipped with capsfast"
+    acc.print(
+        f"capsfast: CapsNet, {parameters:,} parameters; routing {raw_model.routing}, "
+        f"{cfg.routing_iters} iterations{' (detach_inner)' if cfg.detach_inner else ''}\n"
+        f"capsfast: MNIST ({source}): {len(train_x):,} train, {len(val_x):,} validation, "
+        f"{len(test_x):,} test images\n"
+        f"capsfast: {world} process{'es' if world > 1 else ''} on {runtime.describe_device(acc)}, "
+        f"{runtime.PRECISION_NAMES[mixed_precision]}, compile {'on' if compiled else 'off'}\n"
+        f"capsfast: {total_steps:,} steps ({total_steps / steps_per_epoch:.3g} epochs of "
+        f"{steps_per_epoch:,} at global batch {cfg.batch_size}), lr {cfg.scaled_lr():.3g} "
+        f"({cfg.schedule}); output in {out}"
+        + (f"\ncapsfast: resumed from {resumed} at step {state.step}" if resumed else "")
+    )
+    meta = {"run_id": state.run_id, "preset": cfg.preset, "seed": cfg.seed, "commit": git_commit()}
+    end_context = dict(acc=acc, cfg=cfg, eval_model=eval_model, val_x=val_x, val_y=val_y,
+                       state=state, out=out, meta=meta, optimizer=optimizer,
+                       steps_per_epoch=steps_per_epoch)  # fmt: skip
+
+    def save() -> Path:
+        return save_checkpoint(acc, out, state.step, identity, cfg.keep_checkpoints)
+
+    def sync_point(step: int, bar, lr: float, stop_requested: bool) -> Path | None:
+        """The host looks (every log_every steps, at epoch ends and checkpoints): logs the
+        window, validates at an epoch end, saves when due. Returns the checkpoint if the run must
+        stop now."""
+        sums, nonfinite, stop_now = window.read(acc, stop_requested)
+        if nonfinite:
+            stop_nonfinite(good, stateful, state, save, acc)
+        per_step, first_steady = clock.tick(step)
+        if first_steady and step < total_steps:
+            say(acc, estimate_line(per_step, total_steps - step, cfg.batch_size))
+        state.epoch_stats = [a + b for a, b in zip(state.epoch_stats, sums, strict=True)]
+        record = {"kind": "train", "epoch": round(step / steps_per_epoch, 4), "step": step,
+                  **means(sums), "lr": lr, "images_per_second": cfg.batch_size / per_step}  # fmt: skip
+        append_record(record, state, out, acc)
+        bar.set_postfix(loss=f"{record['train_loss'] or float('nan'):.4f}", lr=f"{lr:.2e}",
+                        refresh=False)  # fmt: skip
+        acc.log({"train/loss": record["train_loss"], "train/lr": lr,
+                 "train/skipped_steps": state.skipped_steps}, step=step)  # fmt: skip
+        good.take(step, **stateful)
+        path = None
+        with clock.paused():
+            if step % steps_per_epoch == 0:
+                stats = means(state.epoch_stats)
+                state.epoch_stats = [0.0] * 5
+                epoch = validate_and_export(**end_context, train_stats=stats,
+                                            images_per_second=bar.format_dict.get("rate"))  # fmt: skip
+                say(acc, epoch_line(epoch))
+                if use_wandb:
+                    log_reconstructions(acc, eval_model, val_x if len(val_x) else test_x, step)
+            if stop_now or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                path = save()
+        return path if stop_now else None
+
+    # ------------------------------------------------------------------ the loop
+    model.train()
+    window = Window(device, batches.local_batch)
+    good = GoodState()  # the state at the last sync where everything was finite
+    good.take(state.step, **stateful)
+    clock = Clock(state.step, warmup=3 if total_steps - state.step >= 10 else 0)
+    bar = None
+    try:
+        with StopRequest() as stop:
+            for step in range(state.step, total_steps):
+                epoch, k = divmod(step, steps_per_epoch)
+                if bar is None or k == 0:  # a new epoch: its order and its progress bar
+                    order = epoch_permutation(len(train_x), cfg.seed, epoch, device)
+                    bar = new_bar(bar, epoch, k, steps_per_epoch, total_steps, cfg.batch_size, acc)
+                lr = set_learning_rate(optimizer, cfg, step, total_steps)
+                x, y = batches.batch(epoch, k, order)
+                if compiled and device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step
+                with acc.autocast():
+                    output, loss, margin, recon = compute_loss(model, x, y, cfg.recon_weight)
+                acc.backward(loss)
+                finite = all_finite(loss, model, mixed_precision)
+                if cfg.skip_nonfinite and any_rank(acc, ~finite):  # opt-in: a sync every step
+                    state.skipped_steps += 1
+                else:
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update(raw_model)
+                    window.add(output, y, loss.detach(), margin.detach(), recon.detach(), finite)
+                optimizer.zero_grad(set_to_none=True)
+                state.step = step + 1
+                bar.update(cfg.batch_size)  # no host sync: the bar only counts images
+                if sync_due(state.step, cfg, steps_per_epoch, total_steps, stop.signal, world):
+                    stopped_at = sync_point(state.step, bar, lr, stop.signal is not None)
+                    if stopped_at is not None:
+                        bar.close()
+                        acc.print(f"capsfast: stopped on request at step {state.step}; "
+                                  f"checkpoint saved to {stopped_at}\n"
+                                  f"capsfast: to resume, {resume_hint()}")  # fmt: skip
+                        acc.end_training()
+                        return {"stopped": True, "step": state.step, "checkpoint": str(stopped_at)}
+            if bar is not None:
+                bar.close()
+            return finish_run(
+                **end_context, stop=stop, save=save, test_x=test_x, test_y=test_y,
+                images_per_second=clock.images_per_second(state.step, cfg.batch_size),
+                use_wandb=use_wandb, epochs=state.step * cfg.batch_size / len(train_x),
+                summary_fields={
+                    "world_size": world,
+                    "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
+                    "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+                    "mixed_precision": mixed_precision,
+                    "precision": runtime.PRECISION_NAMES[mixed_precision],
+                    "routing": raw_model.routing, "parameters": parameters,
+                    "config": config_record},
+            )  # fmt: skip
+    except Stopped as e:  # a stop request during the end of the run: the checkpoint is saved
+        return {"stopped": True, "step": e.step, "checkpoint": str(e.checkpoint)}
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def sync_due(step, cfg, steps_per_epoch, total_steps, signal, world) -> bool:
+    """Is `step` a sync point? (every log_every steps, the last step, epoch ends, checkpoints,
+    and at once when a single process got a stop signal)."""
+    return bool(step % cfg.log_every == 0 or step == total_steps or step % steps_per_epoch == 0
+                or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                or (signal is not None and world == 1))  # fmt: skip
+
+
+def any_rank(accelerator, flag: torch.Tensor) -> bool:
+    flag = flag.float()
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return flag.item() > 0
+
+
+def new_bar(bar, epoch, k, steps_per_epoch, total_steps, batch, accelerator):
+    """The progress bar of epoch `epoch` (counts images), starting at its step k."""
+    from tqdm.auto import tqdm
+
+    if bar is not None:
+        bar.close()
+    in_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+    return tqdm(total=in_epoch * batch, initial=k * batch, desc=f"epoch {epoch + 1}", unit="img",
+                unit_scale=True, leave=False, dynamic_ncols=True,
+                disable=not accelerator.is_local_main_process)  # fmt: skip
+
+
+def stop_nonfinite(good: GoodState, stateful: dict, state: TrainState, save, accelerator):
+    """Save the last good state (restored from memory), then stop with the step range."""
+    bad_from, bad_to = good.step + 1, state.step
+    good.restore(**stateful)
+    path = save()
+    accelerator.end_training()
+    where = f"step {bad_to}" if bad_from == bad_to else f"steps {bad_from}-{bad_to}"
+    raise TrainingError(
+        f"non-finite loss at {where}; stopped. The last good state (step {good.step}) is saved "
+        f"in {path}. Lower --lr, prefer --mixed-precision bf16 to fp16, or pass "
+        "--skip-nonfinite to skip such steps; then run the same command with --resume auto "
+        "(the new flags apply from the saved step)."
+    )
+
+
+def checkpoint_note(out: Path) -> str:
+    """What is kept on disk, and how to go on."""
+    newest = list_checkpoints(out)[:1]
+    if not newest:
+        return "no checkpoint had been written yet: fix the cause and start again"
+    return (f"the last complete checkpoint is {newest[0]}: fix the cause (free space), then "
+            f"{resume_hint()}")  # fmt: skip
+
+
+def interrupted_message(out: Path) -> str:
+    return f"stopped at once (a second interrupt); {checkpoint_note(out)}"
+
+
+# --------------------------------------------------------------------------- the end of a run
+def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
+               steps_per_epoch, stop, save, test_x, test_y, images_per_second, use_wandb,
+               epochs, summary_fields) -> dict:  # fmt: skip
+    """The end of a run, in phases (END_PHASES), each safe to interrupt: the final checkpoint
+    first (so a stop at any later phase loses nothing: `--resume auto` finds the run complete
+    and repeats only the end), the last validation (also after --max-steps mid-epoch) and
+    export, the test evaluation of the exported model, summary.json, the figures. A stop
+    request is honoured before each phase; one that arrives during the last lets it finish."""
+    from capsfast import tracking
+
+    def phase(name: str) -> None:
+        if stop.signal is not None:
+            checkpoint = list_checkpoints(out)[0]
+            acc.print(f"capsfast: stopped on request at the end of the run, before its {name} "
+                      f"phase; the final checkpoint is {checkpoint}\n"
+                      f"capsfast: to finish the run, {resume_hint()}")  # fmt: skip
+            acc.end_training()
+            raise Stopped(state.step, checkpoint)
+        acc.print(f"capsfast: end of run: {name}")
+        stop.phase(name)
+
+    phase("checkpoint")
+    newest = [list_checkpoints(out)[:1] if acc.is_main_process else None]
+    if acc.num_processes > 1:  # the main process decides, so every rank joins the same collectives
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(newest)
+    if not newest[0] or newest[0][0].name != f"step-{state.step:08d}":
+        save()
+    phase("validation")
+    last = next((r for r in reversed(state.records) if r["kind"] == "epoch"), None)
+    if last is None or last["step"] != state.step:
+        stats = means(state.epoch_stats)
+        validate_and_export(acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
+                            steps_per_epoch, stats, desc="validation")  # fmt: skip
+    phase("test")
+    routing = summary_fields["routing"]
+    exported = load_model(out / "model", device=acc.device, routing=routing)
+    test_acc, test_n = evaluate(exported, test_x, test_y, acc, cfg.eval_batch_size, desc="test")
+    phase("summary")
+    train_records = [r for r in state.records if r["kind"] == "train"]
+    cuda = acc.device.type == "cuda"
+    summary = {
+        "test_accuracy": test_acc,
+        "test_size": test_n,
+        "best_val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None,
+        "final_train_loss": train_records[-1]["train_loss"] if train_records else None,
+        "steps": state.step,
+        "epochs": epochs,
+        "wall_seconds": time.time() - PROCESS_START,
+        "images_per_second": images_per_second,
+        **summary_fields,
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "commit": git_commit(),
+        **versions(),
+        "peak_memory_gb": torch.cuda.max_memory_allocated(acc.device) / 1e9 if cuda else None,
+        "skipped_steps": state.skipped_steps,
+    }
+    if acc.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if use_wandb:
+        acc.log({"test/accuracy": test_acc}, step=state.step)
+        tracking.set_summary(acc, summary)
+    phase("figures")
+    if acc.is_main_process:
+        from capsfast.figures import plot_curves, save_figures
+
+        plot_curves(state.records, out / "curves.png")
+        figures = save_figures(exported, test_x, test_y, out / "figures")
+        if use_wandb:
+            images = {f"figures/{k}": str(v) for k, v in figures.items()}
+            images["figures/curves"] = str(out / "curves.png")
+            tracking.log_images(acc, images, state.step)
+        acc.print(
+            f"capsfast: test accuracy {test_acc:.4f} on {test_n:,} images (best validation "
+            f"{summary['best_val_accuracy']}), {summary['wall_seconds']:.1f} s, "
+            f"{images_per_second or 0:.1f} img/s; model in {out / 'model'}, figures in "
+            f"{out / 'figures'}"
+        )
+    acc.end_training()
+    return summary
+
+
+class Stopped(Exception):
+    """A stop request honoured at the end of a run (the final checkpoint is on disk)."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(step)
+        self.step, self.checkpoint = step, checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`launch/train.py` / `capsfast-train`: 0 done, 2 bad input (one line), 3 stopped and saved,
+    130 stopped at once by a second interrupt (capsfast.errors.run_main prints the errors).
+    Under a single-process `accelerate launch` a stopped run exits 0: that launcher turns any
+    other code into a traceback of its own, after the trainer's message."""
     from capsfast.config import parse_args
-    from capsfast.data import DataError
 
-    cfg = parse_args(argv)
-    try:
-        summary = train(cfg)
-    except (TrainingError, DataError) as e:
-        print(f"capsfast: error: {e}", file=sys.stderr)
-        return 2
-    return 3 if summary.get("stopped") else 0
+    runtime.take_terminal_from_launcher()
+    summary = train(parse_args(argv))
+    if summary.get("stopped") and not runtime.under_single_process_launcher():
+        return EXIT_STOPPED
+    return 0

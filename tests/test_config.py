@@ -5,7 +5,7 @@ import math
 import pytest
 
 from capsfast.config import PRESETS, TrainConfig, build_parser, parse_args, resolve
-from capsfast.train import resolve_compile, resolve_mixed_precision
+from capsfast.runtime import resolve_compile, resolve_mixed_precision
 
 
 def test_paper_preset_is_the_spec():
@@ -151,3 +151,38 @@ def test_compile_resolution(monkeypatch):
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
     assert resolve_compile(cfg, on_cuda=False) is True
     assert resolve_compile(parse_args(["--no-compile"]), on_cuda=True) is False
+
+
+def test_a_preset_key_that_is_not_a_setting_is_an_error():
+    from capsfast.config import check_presets
+
+    check_presets()  # the shipped presets are clean
+    with pytest.raises(ValueError, match=r"preset 'typo' sets unknown settings \['warmup_fracc'\]"):
+        check_presets({"typo": {"warmup_fracc": 0.1}})
+
+
+def test_help_shows_the_chosen_presets_values(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "fast", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "GLOBAL batch size, summed over all processes (default: 512)" in text
+    assert "(default: onecycle)" in text and "(default: 0.999)" in text
+    assert "dataclass default" not in text and "(default: None)" not in text
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "summed over all processes (default: 128)" in text
+
+
+def test_flag_types_come_from_the_dataclass():
+    cfg = parse_args(["--lr", "3e-4", "--test-size", "100", "--decoder-lr", "1e-3",
+                      "--detach-inner", "--no-compile"])  # fmt: skip
+    assert type(cfg.lr) is float and type(cfg.test_size) is int and type(cfg.decoder_lr) is float
+    assert cfg.detach_inner is True and cfg.compile is False
+    assert parse_args(["--preset", "quick"]).max_steps == 400
+
+
+def test_quick_preset_is_a_short_paper_run():
+    cfg = parse_args(["--preset", "quick"])
+    assert (cfg.batch_size, cfg.max_steps, cfg.schedule, cfg.max_shift) == (32, 400, "step", 2)
+    assert cfg.scaled_lr() == pytest.approx(1e-3)

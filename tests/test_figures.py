@@ -123,23 +123,23 @@ def test_save_figures_accepts_float_images(model, test_set, tmp_path):
 
 
 def test_plot_curves(tmp_path):
+    # A run shorter than an epoch: five logged windows and the final validation. Each is drawn
+    # against the step (one dot per epoch would leave this run a single dot).
     records = [
-        {
-            "epoch": e,
-            "train_loss": 0.3 / e,
-            "margin_loss": 0.2 / e,
-            "recon_loss": 0.1 / e,
-            "train_accuracy": 0.9 + e / 100,
-            "val_accuracy": None if e == 1 else 0.95 + e / 100,
-            "lr": 1e-3 * 0.96**e,
-        }
-        for e in range(1, 6)
-    ]
+        {"kind": "train", "step": 10 * k, "epoch": k / 50, "train_loss": 0.3 / k,
+         "margin_loss": 0.2 / k, "recon_loss": 0.1 / k, "train_accuracy": 0.5 + k / 20,
+         "lr": 1e-3 * 0.96**k}
+        for k in range(1, 6)
+    ] + [{"kind": "epoch", "step": 50, "epoch": 0.1, "val_accuracy": 0.8, "train_loss": 0.1}]  # fmt: skip
     path = plot_curves(records, tmp_path / "curves.png")
     pixels = _png(path)
     assert pixels.shape == (450, 1500) and pixels.std() > 10
-    # An empty history still draws (panels say "no data").
-    assert _png(plot_curves([], tmp_path / "empty.png")).shape == (450, 1500)
+    # An empty history still draws (panels say "no data"), and differs from the one with data.
+    empty = _png(plot_curves([], tmp_path / "empty.png"))
+    assert empty.shape == (450, 1500)
+    assert (pixels != empty).any(axis=-1).mean() > 0.02, "the curves drew nothing"
+    one_window = _png(plot_curves(records[:1], tmp_path / "one.png"))
+    assert (one_window != empty).any(axis=-1).mean() > 0.005, "a single logged window is invisible"
 
 
 def test_visualize_cli(trained_model_dir, tmp_path):

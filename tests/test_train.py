@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from capsfast.cli import run as run_entry_point
 from capsfast.config import resolve
 from capsfast.data import MNIST
-from capsfast.train import list_checkpoints, main, train
+from capsfast.train import list_checkpoints, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,13 @@ def small_cfg(tmp_path, **kw):
 def test_training_on_synthetic_data_reduces_the_loss(tmp_path):
     summary = train(small_cfg(tmp_path, max_steps=None, epochs=3), data=synthetic_mnist())
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    # A train record at every log_every (2) steps, for the curves of runs shorter than an epoch.
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == list(range(2, 3 * 18 + 1, 2))
+    assert all(r["images_per_second"] > 0 for r in records if r["kind"] == "train")
+    records = epochs
     assert records[-1]["train_loss"] < 0.7 * records[0]["train_loss"]
     assert summary["steps"] == 3 * (288 // 16)
     assert summary["test_accuracy"] > 0.5  # the classes are easy; chance is 0.1
@@ -96,24 +103,21 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_ema_weights_are_evaluated_and_exported(tmp_path):
-    from capsfast.train import Trainer
-
-    trainer = Trainer(small_cfg(tmp_path, max_steps=6, ema_decay=0.999), data=synthetic_mnist())
-    trainer.run()
-    assert trainer.ema.updates == 6
-    assert trainer.ema.current_decay() == pytest.approx(7 / 16)  # warm-up: (1 + t) / (10 + t)
+    train(small_cfg(tmp_path, max_steps=6, ema_decay=0.999), data=synthetic_mnist())
+    (checkpoint,) = list_checkpoints(tmp_path)
+    ema = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)  # EMA state
+    assert ema["updates"] == 6 and ema["decay"] == 0.999
     exported = load_file(tmp_path / "model" / "model.safetensors")
-    ema = trainer.ema.module.state_dict()
-    raw = trainer.raw_model.state_dict()
+    raw = load_file(checkpoint / "model.safetensors")  # the trained weights themselves
     for k in exported:
-        torch.testing.assert_close(exported[k], ema[k].float(), rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(exported[k], ema["module"][k].float(), rtol=0, atol=0, msg=k)
     assert not torch.equal(exported["digit.W"], raw["digit.W"].float())
 
 
 def test_resume_auto_with_nothing_starts_fresh(tmp_path, capsys):
     summary = train(small_cfg(tmp_path, max_steps=2, resume="auto"), data=synthetic_mnist())
     assert summary["steps"] == 2
-    assert "no complete checkpoint" in capsys.readouterr().out
+    assert "no usable checkpoint" in capsys.readouterr().out
 
 
 def test_summary_has_every_key_with_its_meaning(tmp_path):
@@ -154,7 +158,8 @@ def test_summary_has_every_key_with_its_meaning(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
-    code = main(
+    code = run_entry_point(
+        "train",
         [
             "--data-dir",
             str(tmp_path / "nothing"),
@@ -164,7 +169,7 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
             str(tmp_path / "out"),
             "--max-steps",
             "1",
-        ]
+        ],
     )
     err = capsys.readouterr().err
     assert code == 2
@@ -263,12 +268,17 @@ def test_explicit_triton_routing_without_a_gpu_is_a_clear_error(tmp_path):
 def test_compiled_model_exports_plain_capsnet_keys(tmp_path):
     # Under torch.compile the prepared model is an OptimizedModule; the export must still hold
     # CapsNet's own parameter names so load_model reads it (compilation is lazy: no step needed).
-    from capsfast.export import load_model, save_model
-    from capsfast.train import Trainer
+    from accelerate import Accelerator
+    from accelerate.utils import TorchDynamoPlugin
 
-    trainer = Trainer(small_cfg(tmp_path, compile=True), data=synthetic_mnist())
-    assert trainer.compile
-    save_model(trainer.eval_model, tmp_path / "export")
+    from capsfast.export import load_model, save_model
+    from capsfast.model import ModelConfig
+    from capsfast.train import prepare_model
+
+    acc = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend="inductor"))
+    prepared, raw, _, _ = prepare_model(ModelConfig(), small_cfg(tmp_path, compile=True), acc)
+    assert type(prepared).__name__ == "OptimizedModule"
+    save_model(raw, tmp_path / "export")
     keys = load_file(tmp_path / "export" / "model.safetensors").keys()
     assert "digit.W" in keys and not any(k.startswith("_orig_mod") for k in keys)
     load_model(tmp_path / "export")

@@ -1,0 +1,182 @@
+"""Run set-up: the device, precision, compile mode, world size and routing implementation that a
+training run uses, resolved once from the flags, the launcher's environment and the machine.
+
+Each choice has one rule (the flag wins; then the launcher; then the preset on CUDA; then what
+suits a CPU), and each is stated in words in the run's banner.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+
+import torch
+
+from capsfast.config import TrainConfig
+from capsfast.errors import UserError
+
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+
+
+class SetupError(UserError):
+    """A launch or flag combination that cannot run; the message says what to change."""
+
+
+def use_cuda() -> bool:
+    """CUDA when there is a GPU, unless the launcher asked for the CPU (ACCELERATE_USE_CPU)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    return torch.cuda.is_available() and not use_cpu
+
+
+def resolve_mixed_precision(cfg: TrainConfig, on_cuda: bool) -> str:
+    """The flag, else the launcher's setting (`accelerate launch` exports `no` when nothing was
+    asked, so `no` there means "not set"), else --cuda-precision on CUDA, else fp32."""
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher != "no":
+        return launcher
+    return cfg.cuda_precision if on_cuda else "no"
+
+
+def resolve_compile(cfg: TrainConfig, on_cuda: bool) -> bool:
+    """The flag, else the launcher's dynamo backend, else on for CUDA and off for CPU (where
+    compiling costs about 45 s and gains 1.1-1.2x on a whole step)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", ""):
+        return True
+    return on_cuda
+
+
+def check_world_size(world: int) -> None:
+    """Refuse a launch that asked for several processes but runs alone: every copy would train
+    the whole model on its own, N times the work for one result."""
+    if world != 1:
+        return
+    env = os.environ
+    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        # `accelerate launch --cpu --num_processes N` sets a rendezvous address, then starts one.
+        raise SetupError(
+            "the launcher set up a process group (MASTER_ADDR) but this run has world size 1. "
+            "On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N ...` (`--cpu --num_processes N` starts only one process)"
+        )
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if tasks > 1 and "WORLD_SIZE" not in env:
+        raise SetupError(
+            f"srun started {tasks} tasks but each has world size 1 and would train a full copy: "
+            "start one `accelerate launch` per node (see launch/slurm/train.sbatch)"
+        )
+
+
+def make_accelerator(cfg: TrainConfig):
+    """(accelerator, mixed_precision, compile) for this run; sets CPU threads on CPU."""
+    from accelerate import Accelerator
+    from accelerate.utils import TorchDynamoPlugin
+
+    from capsfast import tracking
+
+    on_cuda = use_cuda()
+    mixed_precision = resolve_mixed_precision(cfg, on_cuda)
+    compile_ = resolve_compile(cfg, on_cuda)
+    accelerator = Accelerator(
+        cpu=not on_cuda,
+        mixed_precision=mixed_precision,
+        log_with="wandb" if tracking.wandb_wanted(cfg.report_to) else None,
+        project_dir=cfg.output_dir,
+        dynamo_plugin=TorchDynamoPlugin(
+            backend="inductor" if compile_ else "no", mode=cfg.compile_mode
+        ),
+    )
+    check_world_size(accelerator.num_processes)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` sets OMP_NUM_THREADS=1 unless told: 1.5x slower on 2 cores.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local))
+        if mixed_precision != "no":
+            accelerator.print(
+                f"capsfast: warning: {mixed_precision} on a CPU: most CPUs have no "
+                f"{mixed_precision} units and run it several times slower than fp32 (about 6x "
+                "where this was measured); pass --mixed-precision no for speed"
+            )
+    return accelerator, mixed_precision, compile_
+
+
+def choose_routing(requested: str, device: torch.device, accelerator) -> str:
+    """The routing implementation that will run. `auto` takes the Triton kernel on CUDA if it
+    compiles and agrees with the reference there, else the reference with one warning; an
+    explicit choice is used as is and fails loudly, in one line, if it cannot run."""
+    from capsfast.routing import resolve_impl
+
+    impl = resolve_impl(requested, device)
+    if impl == "torch":
+        return impl
+    try:
+        from capsfast.kernels.routing import triton_available
+
+        # An explicit choice is not probed: if the kernel fails, it fails loudly, in full.
+        ok, reason = triton_available(device, probe=requested == "auto")
+    except Exception as e:  # triton missing or broken at import
+        ok, reason = False, f"{type(e).__name__}: {e}"
+    if accelerator.num_processes > 1:  # one rank's failure sends every rank to the reference
+        flag = torch.tensor(0.0 if ok else 1.0, device=device)
+        if accelerator.reduce(flag, reduction="sum").item() > 0 and ok:
+            ok, reason = False, "the kernel failed on another rank"
+    if ok:
+        return impl
+    if requested != "auto":
+        raise SetupError(
+            f"--routing {requested} cannot run on {device}: {reason}. Use --routing auto or torch"
+        )
+    accelerator.print(
+        f"capsfast: warning: --routing auto cannot use the {impl} kernel on {device} ({reason}); "
+        "using the torch reference. Pass --routing triton to see the full error."
+    )
+    return "torch"
+
+
+def describe_device(accelerator) -> str:
+    """`cpu (2 threads)` or the GPU's name, in words, for the banner and summary."""
+    device = accelerator.device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def under_single_process_launcher() -> bool:
+    """Started by `accelerate launch` with one process (its simple launcher: a parent that waits
+    for this process and turns any non-zero exit code into a traceback of its own)."""
+    env = os.environ
+    return "ACCELERATE_MIXED_PRECISION" in env and "LOCAL_RANK" not in env
+
+
+def take_terminal_from_launcher() -> None:
+    """Under a single-process `accelerate launch` in a terminal, Ctrl-C reaches the launcher as
+    well as the trainer, and the launcher dies with a KeyboardInterrupt traceback while the
+    trainer is still saving its checkpoint. So the trainer moves into a process group of its own
+    in the terminal's foreground: Ctrl-C reaches it alone, the launcher keeps waiting, and the
+    terminal goes back to the launcher's group when the trainer exits (if the trainer is killed
+    outright, the shell takes the terminal back when the launcher exits)."""
+    if not under_single_process_launcher() or not os.isatty(0):
+        return
+    try:
+        launcher_group = os.getpgrp()
+        if os.tcgetpgrp(0) != launcher_group or os.getpgid(os.getppid()) != launcher_group:
+            return  # a background job, or not the launcher's group: leave the terminal alone
+        os.setpgid(0, 0)
+        _foreground(os.getpgrp())
+    except OSError:
+        return
+    atexit.register(_foreground, launcher_group)
+
+
+def _foreground(group: int) -> None:
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may ask too
+    try:
+        os.tcsetpgrp(0, group)
+    except OSError:
+        pass
+    finally:
+        signal.signal(signal.SIGTTOU, previous)

@@ -1,0 +1,420 @@
+"""Faults that must not lose work or give a silently wrong result: corrupt checkpoints, resumes
+with changed flags, signals during the end of a run, a second Ctrl-C, a full disk at every write
+site, and bad flags and files (one line, exit code 2, no traceback).
+
+Runs that need a real signal or a user's command line are fresh `python launch/train.py`
+processes; the others run the trainer in-process on the synthetic data of test_train.py."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capsfast.checkpoint import CorruptCheckpoint, list_checkpoints, verify
+from capsfast.errors import run_main
+from capsfast.train import END_PHASES, train
+from tests.test_train import small_cfg, synthetic_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- in-process helpers
+def run_train(cfg, data, capsys) -> tuple[int, str, str]:
+    """train() inside the entry points' error boundary, as a user meets it: (code, out, err)."""
+    code = run_main(lambda _: 3 if train(cfg, data=data).get("stopped") else 0, "capsfast")
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def weights(out: Path, which: str = "checkpoint") -> dict:
+    path = list_checkpoints(out)[0] if which == "checkpoint" else out / "model"
+    return load_file(path / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_mnist()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    """An uninterrupted run: 12 steps, checkpoints at 4, 8 and 12, EMA on (its state must
+    survive too)."""
+    out = tmp_path_factory.mktemp("reference")
+    train(small_cfg(out, max_steps=12, checkpoint_every=4, keep_checkpoints=5, ema_decay=0.9), data)
+    return out
+
+
+def cfg_like_reference(out, **kw):
+    base = dict(max_steps=12, checkpoint_every=4, keep_checkpoints=5, ema_decay=0.9)
+    return small_cfg(out, **{**base, **kw})
+
+
+# --------------------------------------------------------------------------- corrupt checkpoints
+CHECKPOINT_FILES = [
+    "model.safetensors",  # the weights
+    "optimizer.bin",  # Adam's moments
+    "random_states_0.pkl",  # RNG
+    "custom_checkpoint_0.pkl",  # TrainState: step, best validation, records
+    "custom_checkpoint_1.pkl",  # EMA
+]
+
+
+def test_a_checkpoint_holds_exactly_these_files(reference):
+    newest = list_checkpoints(reference)[0]
+    files = sorted(p.name for p in newest.iterdir() if p.name != "capsfast_checkpoint.json")
+    assert files == sorted(CHECKPOINT_FILES)
+    assert set(verify(newest)["files"]) == set(CHECKPOINT_FILES)
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_corrupt_same_size_file_is_skipped_by_resume_auto(reference, tmp_path, data, capsys, name):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / "step-00000012")  # stopped after step 8, say
+    newest = list_checkpoints(out)[0]
+    assert newest.name == "step-00000008"
+    target = newest / name
+    raw = bytearray(target.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 8] = bytes(b ^ 0x5A for b in raw[middle : middle + 8])  # same size
+    target.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpoint, match=f"{name} does not match its recorded SHA-256"):
+        verify(newest)
+
+    code, stdout, err = run_train(cfg_like_reference(out, resume="auto"), data, capsys)
+    assert code == 0, err
+    assert f"skipping checkpoint {newest}" in stdout and name in stdout and "SHA-256" in stdout
+    assert "resumed from" in stdout and "step-00000004" in stdout  # the next one back
+    assert_same_weights(weights(out), weights(reference))
+    assert_same_weights(weights(out, "model"), weights(reference, "model"))
+
+
+def test_resume_path_at_a_corrupt_checkpoint_is_a_one_line_error(reference, tmp_path, data, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    bad = list_checkpoints(out)[0]
+    (bad / "model.safetensors").write_bytes(b"\0" * (bad / "model.safetensors").stat().st_size)
+    code, _, err = run_train(cfg_like_reference(out, resume=str(bad)), data, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and f"--resume {bad}" in err and "SHA-256" in err
+
+
+def test_an_export_never_replaces_a_better_one_of_the_same_run(reference, tmp_path, data, capsys):
+    # Resuming from an older checkpoint than the export (the run died after exporting at step
+    # 12 but its newest checkpoint is step 4): the export's own record of its validation
+    # accuracy is the best so far, so a worse model cannot replace it.
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for p in list_checkpoints(out)[:2]:
+        shutil.rmtree(p)
+    config = json.loads((out / "model" / "config.json").read_text())
+    config["meta"]["val_accuracy"] = 1.01  # better than anything this run can reach
+    (out / "model" / "config.json").write_text(json.dumps(config))
+    before = weights(out, "model")
+    code, _, err = run_train(cfg_like_reference(out, resume="auto"), data, capsys)
+    assert code == 0, err
+    assert_same_weights(weights(out, "model"), before)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_val_accuracy"] == 1.01
+
+
+# --------------------------------------------------------------------------- resume with new flags
+def test_resume_with_another_batch_size_is_refused_naming_the_original(reference, tmp_path, data,
+                                                                       capsys):  # fmt: skip
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    code, _, err = run_train(cfg_like_reference(out, resume="auto", batch_size=32), data, capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert "was trained with --batch-size 16" in err and "new --output-dir" in err
+
+
+def test_a_new_learning_rate_on_resume_takes_effect(reference, tmp_path, data, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / "step-00000012")
+    shutil.rmtree(out / "checkpoints" / "step-00000008")
+    cfg = cfg_like_reference(out, resume="auto", lr=1e-4)
+    code, _, err = run_train(cfg, data, capsys)
+    assert code == 0, err
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    before = [r["lr"] for r in records if r["kind"] == "train" and r["step"] <= 4]
+    after = [r["lr"] for r in records if r["kind"] == "train" and r["step"] > 4]
+    assert before and all(lr == pytest.approx(small_cfg(out).scaled_lr()) for lr in before)
+    assert after and all(lr == pytest.approx(cfg.scaled_lr()) for lr in after)
+
+
+# --------------------------------------------------------------------------- processes and signals
+FLAGS = ["--batch-size", "16", "--max-steps", "12", "--val-size", "64", "--test-size", "32",
+         "--report-to", "none", "--checkpoint-every", "4", "--log-every", "2",
+         "--keep-checkpoints", "5", "--cpu-threads", "2"]  # fmt: skip
+
+
+def launch(out, *extra, env=None) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *FLAGS, "--output-dir", str(out)]
+    return subprocess.Popen(
+        [*cmd, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", **(env or {})},
+    )  # fmt: skip
+
+
+def finish(proc, timeout=600) -> tuple[int, str, str]:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    code, _, err = finish(launch(out))
+    assert code == 0, err[-2000:]
+    return out
+
+
+def same_results(a: Path, b: Path) -> None:
+    assert_same_weights(weights(a, "model"), weights(b, "model"))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for key in ("steps", "test_accuracy", "test_size", "best_val_accuracy"):
+        assert sa[key] == sb[key], key
+    ra, rb = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)
+    )
+    assert [(r["kind"], r["step"], r.get("val_accuracy")) for r in ra] == [
+        (r["kind"], r["step"], r.get("val_accuracy")) for r in rb
+    ]
+
+
+@pytest.mark.parametrize("phase", END_PHASES)
+def test_sigterm_at_each_phase_of_the_end_of_a_run_loses_nothing(uninterrupted, tmp_path, phase):
+    out = tmp_path / "run"
+    code, stdout, err = finish(launch(out, "--checkpoint-every", "0",
+                                      env={"CAPSFAST_TEST_SIGNAL_AT": phase}))  # fmt: skip
+    if phase == END_PHASES[-1]:  # during the last phase: it finishes, nothing is left to do
+        assert code == 0, err[-2000:]
+        same_results(uninterrupted, out)
+        return
+    assert code == 3, err[-2000:]
+    assert "stopped on request at the end of the run" in stdout and "--resume auto" in stdout
+    assert "Traceback" not in err
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000012"]  # the final one
+    verify(list_checkpoints(out)[0])
+    code, stdout, err = finish(launch(out, "--checkpoint-every", "0", "--resume", "auto"))
+    assert code == 0, err[-2000:]
+    assert "resumed from" in stdout
+    same_results(uninterrupted, out)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(out)
+    deadline = time.time() + 600
+    while not any(p.name == "step-00000004" for p in list_checkpoints(out)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc)
+    assert code == 130, err[-2000:]
+    assert "Traceback" not in err and "stopped at once" in err and "--resume auto" in err
+    newest = list_checkpoints(out)[0]
+    verify(newest)  # complete and intact
+    assert f"{newest}" in err
+    code, _, err = finish(launch(out, "--resume", "auto"))
+    assert code == 0, err[-2000:]
+    same_results(uninterrupted, out)
+
+
+def test_the_nonfinite_stop_advice_is_a_command_that_works(tmp_path):
+    out = tmp_path / "run"
+    code, _, err = finish(launch(out, "--lr", "1e30", "--checkpoint-every", "0"))
+    assert code == 2 and "non-finite loss" in err and "--resume auto" in err
+    code, _, err = finish(
+        launch(out, "--lr", "1e-3", "--checkpoint-every", "0", "--resume", "auto")
+    )
+    assert code == 0, err[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["final_train_loss"] < 10
+
+
+# --------------------------------------------------------------------------- a full disk
+class FullDisk:
+    """Writes whose path contains `where` fail with ENOSPC from the `after`-th such write on:
+    Python's open (torch.save, json, text files, matplotlib) and safetensors' own writer."""
+
+    def __init__(self, monkeypatch, where: str, after: int = 1):
+        self.where, self.after, self.seen = where, after, 0
+        real_open, real_serialize = builtins.open, None
+        import safetensors.torch as st
+
+        real_serialize = st.serialize_file
+
+        def check(path, mode="r"):
+            if any(c in mode for c in "wax+") and self.where in str(path):
+                self.seen += 1
+                if self.seen >= self.after:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            check(file, mode)
+            return real_open(file, mode, *args, **kwargs)
+
+        def fake_serialize(tensors, filename, *args, **kwargs):
+            check(filename, "wb")
+            return real_serialize(tensors, filename, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(io, "open", fake_open)
+        monkeypatch.setattr(st, "serialize_file", fake_serialize)
+
+
+WRITE_SITES = {  # site: (path fragment, nth write there that fails)
+    "checkpoint weights": (".tmp-step-00000008/model.safetensors", 1),
+    "checkpoint optimizer": (".tmp-step-00000008/optimizer.bin", 1),
+    "checkpoint marker": (".tmp-step-00000008/capsfast_checkpoint.json", 1),
+    "export weights": ("model/model.safetensors", 1),
+    "export config": ("model/config.json", 1),
+    "metrics": ("metrics.jsonl", 6),
+    "summary": ("summary.json", 1),
+    "curves": ("curves.png", 1),
+    "figures": ("figures/", 1),
+}
+
+
+@pytest.mark.parametrize("site", WRITE_SITES)
+def test_a_full_disk_at_each_write_site_is_one_line_and_resumable(reference, tmp_path, data,
+                                                                  capsys, monkeypatch, site):  # fmt: skip
+    out = tmp_path / "run"
+    where, after = WRITE_SITES[site]
+    with monkeypatch.context() as m:
+        FullDisk(m, where, after)
+        code, _, err = run_train(cfg_like_reference(out), data, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "disk is full" in err and "--resume auto" in err
+    saved = list_checkpoints(out)
+    assert saved, "no checkpoint left"
+    for p in saved:
+        verify(p)  # every listed checkpoint is complete
+    if site.startswith("checkpoint"):
+        assert "the previous checkpoint" in err and "step-00000004" in err
+        assert not list((out / "checkpoints").glob(".tmp-*")), "the failed write was not cleaned"
+    code, _, err = run_train(cfg_like_reference(out, resume="auto"), data, capsys)
+    assert code == 0, err
+    assert_same_weights(weights(out), weights(reference))
+    assert_same_weights(weights(out, "model"), weights(reference, "model"))
+
+
+# --------------------------------------------------------------------------- bad flags and files
+def corrupt_gzip_dir(tmp_path: Path) -> Path:
+    """The shipped MNIST with the deflate stream of the test labels damaged (header intact)."""
+    from capsfast.data import DEFAULT_DATA_DIR
+
+    d = tmp_path / "mnist"
+    shutil.copytree(DEFAULT_DATA_DIR, d)
+    f = d / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(f.read_bytes())
+    raw[40:200] = bytes(range(160))
+    f.write_bytes(bytes(raw))
+    with pytest.raises(Exception):  # noqa: B017  (the file really is broken)
+        gzip.decompress(bytes(raw))
+    return d
+
+
+BAD_TRAIN_INPUTS = {  # case: (extra flags, text the one line must contain)
+    "batch larger than the training set": (["--batch-size", "100000"], "--batch-size 100000"),
+    "validation takes every image": (["--val-size", "60000"], "--val-size 60000"),
+    "output dir is a file": (["--output-dir", "{file}"], "is a file"),
+    "corrupt deflate stream": (["--data-dir", "{gzip}"], "t10k-labels-idx1-ubyte.gz"),
+    "resume from nothing": (["--resume", "{tmp}/nothing"], "not a checkpoint directory"),
+    "unknown preset": (["--preset", "turbo"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_INPUTS)
+def test_bad_train_input_is_one_line_with_exit_code_2(tmp_path, case):
+    flags, expected = BAD_TRAIN_INPUTS[case]
+    (tmp_path / "a-file").write_text("")
+    subs = {"{file}": str(tmp_path / "a-file"), "{tmp}": str(tmp_path)}
+    if "{gzip}" in flags:
+        subs["{gzip}"] = str(corrupt_gzip_dir(tmp_path))
+    flags = [subs.get(f, f).replace("{tmp}", str(tmp_path)) for f in flags]
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--output-dir",
+           str(tmp_path / "out"), "--report-to", "none", "--max-steps", "1", *flags]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and expected in lines[0], p.stderr[-2000:]
+
+
+def test_ctrl_c_in_a_terminal_under_accelerate_launch_ends_cleanly(tmp_path):
+    """A person runs `accelerate launch launch/train.py` in a terminal and presses Ctrl-C: the
+    trainer saves and prints where and how to resume, on lines of their own; neither the
+    launcher nor the trainer prints a traceback."""
+    import fcntl
+    import pty
+    import termios
+
+    out = tmp_path / "run"
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "launch" / "train.py"), *FLAGS, "--max-steps", "400", "--output-dir",
+           str(out)]  # fmt: skip
+
+    def controlling_terminal():  # a session of its own, with the pty as its terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=controlling_terminal, env={**os.environ, "WANDB_MODE": "disabled"},
+    )  # fmt: skip
+    os.close(slave)
+    screen = bytearray()
+
+    def read_for(seconds: float, until: bytes | None = None) -> None:
+        import select
+
+        deadline = time.time() + seconds
+        while time.time() < deadline and (until is None or until not in screen):
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    screen.extend(os.read(master, 65536))
+                except OSError:  # the terminal closed: every process has exited
+                    return
+
+    read_for(600, until=b"s/step")  # training, past the warm-up
+    os.write(master, b"\x03")  # Ctrl-C, as the terminal driver sends it: SIGINT to the foreground
+    read_for(300)
+    proc.wait(timeout=60)
+    text = screen.decode(errors="replace").replace("\r", "")
+    assert "Traceback" not in text, text[-3000:]
+    tail = text[text.index("stopped on request") - len("capsfast: ") :]
+    lines = tail.splitlines()
+    assert lines[0].startswith("capsfast: stopped on request at step") and "checkpoint" in lines[0]
+    assert lines[1] == "capsfast: to resume, run the same command again with --resume auto"
+    assert proc.returncode == 0  # the launcher would print a traceback for any other code
+    verify(list_checkpoints(out)[0])
