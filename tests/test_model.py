@@ -1,4 +1,4 @@
-"""CapsNet against SPEC.md: parameter counts, capsule grouping, masking, losses, initialisation."""
+"""CapsNet against docs/spec.md: parameter counts, capsule grouping, masking, losses, W init."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The routing reference against SPEC.md and an independent, naive loop implementation."""
+"""The routing reference against docs/spec.md and an independent, naive loop implementation."""
 
 import itertools
 
@@ -9,7 +9,7 @@ from capsfast.routing import digit_caps, pose_transform, resolve_impl, route, sa
 
 
 def naive_route(u_hat, iterations, bias=None, detach_inner=False):
-    """SPEC.md's pseudo-code with explicit loops over samples, inputs i and outputs j."""
+    """docs/spec.md's pseudo-code with explicit loops over samples, inputs i and outputs j."""
     B, I, J, D = u_hat.shape
     outs = []
     for n in range(B):
