@@ -1,4 +1,4 @@
-"""Routing by agreement (SPEC.md) and the DigitCaps op, with dispatch by implementation.
+"""Routing by agreement (docs/spec.md, derived in docs/routing.md) and the DigitCaps op, with dispatch by implementation.
 
 `route` is the plain-PyTorch reference every fast path is checked against:
 
@@ -68,7 +68,7 @@ def route_torch(
     bias: torch.Tensor | None = None,
     detach_inner: bool = False,
 ) -> torch.Tensor:
-    """The reference: SPEC.md's loop, written for clarity, computed in fp32 (float64 for float64)."""
+    """The reference: docs/spec.md's loop as written, in fp32 (float64 stays float64)."""
     cdt = _compute_dtype(u_hat.dtype)
     with torch.autocast(device_type=u_hat.device.type, enabled=False):
         u = u_hat.to(cdt)
