@@ -6,8 +6,9 @@ JOBS.json is a list of {"script", "args", "cwd", "stdout", "stderr"}. This proce
 and capsfast once, then forks one child per job: the child runs the launch script as __main__
 (runpy), with the job's argv, working directory and stdout/stderr files, and exits with the
 script's exit status, so each job is a process of its own, as a user's command is, with its own
-exit status and stderr; only the imports are shared. A few children run at a time; the exit
-statuses are written to JOBS.json.status as a list. (tests/test_entry_points.py uses it: about
+exit status and stderr; only the imports are shared. A few children run at a time; one that
+runs past TIMEOUT seconds (a server that started instead of refusing) is killed, with a line on its
+stderr. The exit statuses are written to JOBS.json.status as a list. (tests/test_entry_points.py uses it: about
 2 s of CPU per `import torch` times forty rows was most of that test's time.)
 """
 
@@ -16,12 +17,15 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PARALLEL = 4
+TIMEOUT = 120  # seconds a job may run
 
 
 def _child(job: dict) -> None:
@@ -57,7 +61,7 @@ def main(jobs_file: str) -> None:
 
     jobs = json.loads(Path(jobs_file).read_text())
     status: list[int | None] = [None] * len(jobs)
-    running: dict[int, int] = {}  # pid -> job index
+    running: dict[int, tuple[int, float]] = {}  # pid -> (job index, start time)
     pending = list(range(len(jobs)))
     while pending or running:
         while pending and len(running) < PARALLEL:
@@ -67,9 +71,18 @@ def main(jobs_file: str) -> None:
             pid = os.fork()
             if pid == 0:
                 _child(jobs[i])
-            running[pid] = i
-        pid, wait_status = os.wait()
-        status[running.pop(pid)] = os.waitstatus_to_exitcode(wait_status)
+            running[pid] = (i, time.monotonic())
+        pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            status[running.pop(pid)[0]] = os.waitstatus_to_exitcode(wait_status)
+            continue
+        for pid, (i, start) in running.items():
+            if time.monotonic() - start > TIMEOUT:
+                os.kill(pid, signal.SIGKILL)
+                with open(jobs[i]["stderr"], "a") as f:
+                    f.write(f"\nentry_point_runner: killed after {TIMEOUT} s\n")
+                running[pid] = (i, float("inf"))  # killed once; reaped by waitpid above
+        time.sleep(0.05)
     Path(jobs_file + ".status").write_text(json.dumps(status))
 
 

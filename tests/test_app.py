@@ -134,6 +134,7 @@ def test_upload_reads_the_file_as_predict_does(trained_model_dir, digits, tmp_pa
         text, _, seen, _, state, *_ = handler(value)
         r = cli[path]
         assert r.ok, r.error
+        assert state is not None, (path.name, text)  # the app read no digit where predict did
         assert state["label"] == r.label and f"Prediction: {r.label}" in text, path.name
         assert np.array_equal(seen, _upscale(r.input)), path.name  # the same 28x28 input
         # And the analysis itself: the exact tensor the CLI fed the model.

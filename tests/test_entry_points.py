@@ -329,14 +329,14 @@ def outcomes(request, good_model, tmp_path_factory) -> dict[str, subprocess.Comp
                 results[case_id] = subprocess.CompletedProcess(job["args"], code, out, err)
         for case in (c for c in selected if c.fresh):
             job = jobs[case.id]
-            results[case.id] = subprocess.run(
-                [sys.executable, str(REPO / job["script"]), *job["args"]],
-                capture_output=True,
-                text=True,
-                timeout=240,
-                env=_env(),
-                cwd=job["cwd"],
-            )
+            command = [sys.executable, str(REPO / job["script"]), *job["args"]]
+            try:
+                results[case.id] = subprocess.run(
+                    command, capture_output=True, text=True, timeout=120, env=_env(), cwd=job["cwd"]
+                )
+            except subprocess.TimeoutExpired as e:  # e.g. a server that started instead
+                out, err = (b.decode() if b else "" for b in (e.stdout, e.stderr))
+                results[case.id] = subprocess.CompletedProcess(command, None, out, err + "timeout")
     finally:
         for inputs in open_inputs:
             for s in inputs.keep:
