@@ -97,6 +97,14 @@ def _drop_conv_channels(c):
     return c
 
 
+def _nan_weights(model: Path) -> bytes:
+    from safetensors.torch import load_file, save
+
+    state = load_file(model / WEIGHTS)
+    state["conv1.bias"][0] = float("nan")
+    return save(state)
+
+
 def _busy_port(inputs: Inputs) -> str:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -134,6 +142,10 @@ INPUTS: dict[str, Callable[[Inputs], object]] = {
         "truncated", (i.model / WEIGHTS).read_bytes()[:5000]
     ),
     "garbage_weights": lambda i: i.model_with_weights("garbage", os.urandom(4096)),
+    "nan_weights": lambda i: i.model_with_weights("nan", _nan_weights(i.model)),
+    "narrower_config": lambda i: i.model_with_config(
+        "narrower", lambda c: {**c, "model": {**c["model"], "conv_channels": 128}}
+    ),
     "busy_port": _busy_port,
     "lab_folder": lambda i: i.folder("lab", _lab),
     "nan_folder": lambda i: i.folder("nan", _nan),
@@ -156,6 +168,8 @@ def _model_rows(entry: str, model_flag: tuple[str, ...], tail: tuple[str, ...]) 
         ("config-no-model-section", "no_model_section", 'no "model" section'),
         ("weights-truncated", "truncated_weights", "unreadable or corrupt"),
         ("weights-garbage", "garbage_weights", "unreadable or corrupt"),
+        ("weights-nan", "nan_weights", "NaN or infinite weights in ['conv1.bias']"),
+        ("weights-do-not-fit-config", "narrower_config", "does not match config.json"),
         ("model-is-a-file", "weights_file", "is a file, not a model directory"),
         ("model-missing", "missing", "no such model directory"),
     ]
