@@ -83,10 +83,12 @@ class Plan:
     train_step_variants: tuple[str, ...]
     estimates_s: dict[str, float]  # guesses until a GPU run is recorded
     limit_factor: float  # a step may take this times its estimate (never more than is left)
+    limits_s: dict[str, float]  # fixed limits instead, by step
     grace_s: float  # a stopped step's time from SIGINT (pytest writes its reports) to SIGKILL
     trainer_flags: tuple[str, ...]  # for every record run
     paper_flags: tuple[str, ...]
     max_fast_seeds: int
+    profile_flags: tuple[str, ...]
 
 
 GPU_PLAN = Plan(
@@ -104,10 +106,12 @@ GPU_PLAN = Plan(
         "profile": 60,
     },
     limit_factor=2.5,
+    limits_s={},
     grace_s=15,
     trainer_flags=("--report-to", "none"),
     paper_flags=("--epochs", "1"),
     max_fast_seeds=MAX_FAST_SEEDS,
+    profile_flags=("--batch", "512", "--dtype", "bf16", "--routing", "triton"),
 )
 # CPU: the first CPU batch of each benchmark (bench/common.py's tiny sizes). The Triton rows of
 # bench/test_routing.py are left out: that file times the full I=1152 whenever timing is on, and
@@ -119,14 +123,16 @@ DRY_RUN_PLAN = Plan(
     train_step_variants=("eager-fp32-torch", "eager-bf16-triton"),
     estimates_s={
         "environment": 15,
-        "kernel_tests": 20,  # the interpreter needs minutes for all: stopped at its limit
+        "kernel_tests": 20,
         "bench_routing": 25,
         "bench_train_step": 35,
         "record_fast": 20,
         "record_paper": 20,
         "profile": 20,
     },
-    limit_factor=1.5,
+    # A loaded machine runs every step slower: better finish the first ones than stop them all.
+    limit_factor=10,
+    limits_s={"kernel_tests": 30},  # the interpreter needs 6 minutes for all: stopped here
     grace_s=5,
     trainer_flags=(
         *("--report-to", "none", "--max-steps", "3", "--batch-size", "8"),
@@ -134,6 +140,7 @@ DRY_RUN_PLAN = Plan(
     ),
     paper_flags=(),
     max_fast_seeds=2,
+    profile_flags=("--batch", "2", "--dtype", "fp32", "--routing", "triton"),  # bf16: emulated
 )
 
 
@@ -238,7 +245,8 @@ def run_step(step: Step, out: Path, budget: Budget, plan: Plan, env: dict, show)
         )
         print(f"gpu_check: {step.name}: skipped: {step.reason}", flush=True)
         return step
-    step.limit_s = min(left - plan.grace_s, plan.limit_factor * step.estimate_s)
+    limit = plan.limits_s.get(step.name, plan.limit_factor * step.estimate_s)
+    step.limit_s = min(left - plan.grace_s, limit)
     print(f"gpu_check: {step.name} (limit {step.limit_s:.0f} s): {show(step.command)}")
     sys.stdout.flush()
     log = out / "logs" / f"{step.name}.log"
@@ -413,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"gpu_check: {header['plan']} plan, budget {budget.seconds:.0f} s, commit {commit}")
     print(f"gpu_check: results in {out}", flush=True)
+    if commit == "unknown":
+        print(
+            "gpu_check: warning: commit unknown (no .git here): export "
+            "CAPSFAST_COMMIT=$(git rev-parse --short HEAD) before copying the repository",
+            flush=True,
+        )
 
     def run(step: Step) -> Step:
         steps.append(step)
@@ -487,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             Step(
                 "profile",
                 "torch.profiler: top kernels of one compiled training step",
-                [sys.executable, "bench/profile_step.py", "--out", str(out / "profile.txt")],
+                [sys.executable, "bench/profile_step.py", "--out", str(out / "profile.txt")]
+                + list(plan.profile_flags),
                 est["profile"],
                 outputs=["profile.txt"],
             )

@@ -25,9 +25,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: report.py is beside it
-from report import stats_table  # noqa: E402
-
+# Run as a script: this checkout first, so that its bench/ and capsfast/ are imported (and not
+# a capsfast installed from another copy, whose commit would be recorded).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import stats_table  # noqa: E402
 from capsfast.errors import run_main  # noqa: E402
 from capsfast.provenance import git_commit  # noqa: E402
 
