@@ -77,16 +77,16 @@ def test_every_step_ran_or_says_why_not(dry_run):
             missing = [p for p in s["outputs"] if not (out / p).is_file()]
             assert not missing, f"{name} is ok but wrote no {missing}"
     # The first steps always fit: the environment, and the kernel tests, which the interpreter
-    # cannot finish in their limit (stopped, with the counts of what ran).
+    # cannot finish in their limit (stopped, with the counts of what ran). How far the rest gets
+    # depends on the machine's load: on an idle one everything runs.
     assert steps["environment"]["status"] == "ok"
     assert steps["kernel_tests"]["status"] in ("ok", "stopped")
     for name in PYTEST_STEPS:
-        r, stopped = steps[name]["results"], steps[name]["status"] == "stopped"
-        if steps[name]["status"] == "skipped" or (stopped and not r):
-            continue  # stopped before pytest wrote anything
-        assert r["tests"] >= 1 and r["passed"] >= 1, (name, r)
-        assert r["failed"] + r["errors"] <= (1 if stopped else 0), (name, r)
-    assert steps["kernel_tests"]["results"]["passed"] >= 1
+        r, status = steps[name]["results"], steps[name]["status"]
+        if status == "ok":
+            assert r["tests"] >= 1 and r["passed"] == r["tests"] - r["skipped"], (name, r)
+        elif status == "stopped" and r:  # pytest wrote its report: the test it was in may fail
+            assert r["failed"] + r["errors"] <= 1, (name, r)
 
 
 def test_environment_report(dry_run):
@@ -100,10 +100,11 @@ def test_environment_report(dry_run):
 
 def test_benchmarks_are_timed_rows_with_their_rates(dry_run):
     out, _, steps, _ = dry_run
-    files = sorted(out.glob("bench_*.json"))
-    assert files, "no benchmark JSON: both benchmark steps were skipped or killed"
-    rows = load_benchmarks(files)
-    assert rows and all(r["median"] > 0 for r in rows)
+    for name in ("bench_routing", "bench_train_step"):
+        if steps[name]["status"] == "ok":
+            assert steps[name]["results"]["benchmarks"] == steps[name]["results"]["passed"] >= 1
+    rows = load_benchmarks(sorted(out.glob("bench_*.json")))
+    assert all(r["median"] > 0 for r in rows)
     for r in rows:
         assert r["commit"] == "abc1234"
         if r["subject"] == "train_step":
