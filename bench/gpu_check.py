@@ -284,7 +284,10 @@ def junit_counts(path: Path) -> dict:
     """pytest's junit XML -> tests, passed, failed, errors, skipped, seconds."""
     if not path.exists():
         return {}
-    root = ET.parse(path).getroot()
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:  # killed while writing it
+        return {"unreadable": f"{path.name}: {e}"}
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     return {
@@ -313,8 +316,12 @@ def pytest_step(name, what, paths, out, estimate, selection=None, benchmark=Fals
 def pytest_results(step: Step, out: Path) -> None:
     step.results = junit_counts(out / f"{step.name}.xml")
     bench_json = out / f"{step.name}.json"
-    if bench_json.exists():
-        step.results["benchmarks"] = len(json.loads(bench_json.read_text()).get("benchmarks", []))
+    try:
+        step.results["benchmarks"] = len(json.loads(bench_json.read_text())["benchmarks"])
+    except FileNotFoundError:
+        pass
+    except (json.JSONDecodeError, KeyError) as e:  # killed while writing it
+        step.results["unreadable"] = f"{bench_json.name}: {e}"
     if step.status == "failed" and step.results.get("tests") == 0:
         step.reason = "no tests ran (selection matched nothing?): " + step.reason
 

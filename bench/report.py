@@ -228,6 +228,8 @@ def step_outcome(step: dict) -> str:
         )
     if "benchmarks" in r:
         parts.append(f"{r['benchmarks']} timed rows")
+    if "unreadable" in r:
+        parts.append(f"unreadable: {r['unreadable']}")
     if r.get("test_accuracy") is not None:
         parts.append(f"test accuracy {100 * r['test_accuracy']:.2f}% after {r['steps']} steps")
         parts.append(f"wall {r['wall_seconds']:.1f} s")
@@ -263,12 +265,21 @@ def load_gpu_check(directory) -> dict:
         raise SystemExit(f"report.py: {d} holds no steps.json: not a bench/gpu_check.py result")
     run = json.loads((d / "steps.json").read_text())
     env_path = d / "environment.json"
+    readable = [p for p in sorted(d.glob("bench_*.json")) if _is_json(p)]  # a step killed mid-write
     return {
         "run": run,
         "environment": json.loads(env_path.read_text()) if env_path.is_file() else None,
-        "benchmarks": load_benchmarks(sorted(d.glob("bench_*.json"))),
+        "benchmarks": load_benchmarks(readable),
         "records": load_records(d / "records") if (d / "records").is_dir() else [],
     }
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def render_gpu_check(directory) -> str:
