@@ -1,5 +1,5 @@
 """bench/gpu_check.py end to end on CPU: `--dry-run` takes the GPU plan at tiny sizes under its
-budget of 160 s (the interpreter runs the kernels, the trainer 3 steps a run), and
+budget of 170 s (the interpreter runs the kernels, the trainer 3 steps a run), and
 bench/report.py renders the directory it writes. A budget too small for any step skips every
 one with the reason. Cost: the dry run, at most 3 minutes, plus about 10 s.
 """
@@ -56,7 +56,7 @@ def dry_run(tmp_path_factory):
 
 def test_dry_run_stays_within_its_budget(dry_run):
     _, run, _, seconds = dry_run
-    assert run["plan"] == "dry-run" and run["budget_s"] == 160 and run["commit"] == "abc1234"
+    assert run["plan"] == "dry-run" and run["budget_s"] == 170 and run["commit"] == "abc1234"
     assert run["seconds"] <= run["budget_s"]
     assert seconds < 180, f"the dry run took {seconds:.0f} s"
 
@@ -114,7 +114,7 @@ def test_benchmarks_are_timed_rows_with_their_rates(dry_run):
             assert r["gb_per_second"] > 0
     if steps["bench_train_step"]["status"] == "ok":
         train = [r for r in rows if r["subject"] == "train_step"]
-        assert {r["impl"] for r in train} == {"eager/torch", "eager/triton"}
+        assert {r["impl"] for r in train} == {"eager/torch", "compiled/torch"}
         (baseline,) = [r for r in train if r["baseline"]]
         assert baseline["speedup"] == 1.0
 
@@ -164,7 +164,7 @@ def test_out_with_an_earlier_result_is_refused(dry_run):
 
 
 def test_a_budget_too_small_skips_every_step_with_the_reason(tmp_path):
-    proc, _ = gpu_check("--dry-run", "--budget-s", "12", "--out", str(tmp_path), timeout=120)
+    proc, _ = gpu_check("--dry-run", "--budget-s", "8", "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((tmp_path / "steps.json").read_text())
     names = [s["name"] for s in run["steps"]]
