@@ -85,7 +85,9 @@ def test_every_step_ran_or_says_why_not(dry_run):
         r, status = steps[name]["results"], steps[name]["status"]
         if status == "ok":
             assert r["tests"] >= 1 and r["passed"] == r["tests"] - r["skipped"], (name, r)
-        elif status == "stopped" and r:  # pytest wrote its report: the test it was in may fail
+        elif (
+            status == "stopped" and "tests" in r
+        ):  # pytest wrote its report: its last test may fail
             assert r["failed"] + r["errors"] <= 1, (name, r)
 
 
