@@ -119,7 +119,7 @@ GPU_PLAN = Plan(
 # whenever timing is on, and under the interpreter that costs minutes a row (CI runs them
 # untimed, at tiny size). The kernel tests and the profile run the interpreter.
 DRY_RUN_PLAN = Plan(
-    budget_s=170,
+    budget_s=165,
     batches=(8,),
     routing_selection=ROUTING_SELECTION.format(batch=8) + " and (eager-fwd- or compiled-fwd-)",
     train_step_variants=("eager-fp32-torch", "compiled-fp32-torch"),
@@ -378,7 +378,7 @@ def parse_args(argv):
         prog="bench/gpu_check.py", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--budget-s", type=float, help="wall-clock budget in seconds (480; dry run 170)"
+        "--budget-s", type=float, help="wall-clock budget in seconds (480; dry run 165)"
     )
     parser.add_argument("--out", help="result directory (may exist, must hold no earlier result)")
     parser.add_argument("--dry-run", action="store_true", help="the same plan on CPU, tiny")
