@@ -345,6 +345,7 @@ def compile_launches(launches: list, targets=TARGETS) -> list:
                         hash=compiled.hash,
                         signature=dict(src.signature),
                         constexprs={names[k[0]]: _jsonable(v) for k, v in src.constants.items()},
+                        divisible_by_16=[names[k[0]] for k in src.attrs],
                         num_warps=md.num_warps,
                         num_stages=md.num_stages,
                         shared=md.shared,
@@ -481,18 +482,69 @@ def _variant_summary(variants: list[str]) -> str:
     return f"{'; '.join(variants[:2])}; ... ({len(variants)} variants)"
 
 
+def _span(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """Per kernel and target: compilations, registers, spill bytes, stack, warps/SM (ranges)."""
+    rows = {}
+    for r in report["compilations"]:
+        row = rows.setdefault((r["kernel"], r["target"]), dict(builds=[], failed=0))
+        row["builds" if r["ok"] else "failed"] += [r] if r["ok"] else 1
+    out = []
+    for (kernel, target), row in sorted(rows.items()):
+        ok = row["builds"]
+        out.append(
+            dict(
+                kernel=_short(kernel),
+                target=target,
+                compilations=len(ok),
+                failed=row["failed"],
+                registers=_span(r["registers"] for r in ok),
+                spills=_span(max(r["spill_stores"] or 0, r["spill_loads"] or 0) for r in ok),
+                spilling=sum(bool(r["spill_stores"] or r["spill_loads"]) for r in ok),
+                stack=_span(r["stack"] for r in ok),
+                num_warps=_span(r["num_warps"] for r in ok),
+                warps_per_sm=_span((r.get("occupancy") or {}).get("warps_per_sm") for r in ok),
+            )
+        )
+    return out
+
+
 def markdown(reports: list[dict], command: str, commit: str) -> str:
     lines = [
         "# Triton kernels compiled for GPU targets (no GPU: Triton frontend + LLVM + ptxas)",
         "",
         f"Regenerate: `{command}` (commit {commit}). Paper shape I={PAPER['I']}, J={PAPER['J']}, "
-        f"D={PAPER['D']}, Din={PAPER['Din']}, T={PAPER['T']}; B in {list(BATCHES)}; launches "
-        f"captured from the wrappers with an H100's {H100_SMS} SMs. Registers, spills and stack "
-        "from ptxas -v; shared = Triton's dynamic shared memory + ptxas static; warps/SM is an "
-        "occupancy estimate (registers in 256-per-warp units, shared memory + 1 KiB per block, "
-        "at most 64 warps and 32 blocks per SM), not a measurement.",
+        f"D={PAPER['D']}, Din={PAPER['Din']}, T={PAPER['T']}; B in {list(BATCHES)}; dtypes "
+        "(activations, parameters) "
+        + ", ".join(f"{a}/{p}" for a, p in DTYPES)
+        + f"; launches captured from the wrappers with an H100's {H100_SMS} SMs. Registers, "
+        "spills and stack from ptxas -v; shared = Triton's dynamic shared memory + ptxas static; "
+        "warps/SM is an occupancy estimate (registers in 256-per-warp units, shared memory + 1 "
+        "KiB per block, at most 64 warps and 32 blocks per SM), not a measurement. Compile "
+        "times are wall seconds on the machine that ran it (a shared 2-core CPU box).",
         "",
+        "## Summary",
+        "",
+        "| triton | kernel | target | compilations | failed | regs | spilling builds | spill B "
+        "| stack B | warps | warps/SM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for report in reports:
+        for row in summary_rows(report):
+            lines.append(
+                f"| {report['triton']} | {row['kernel']} | {row['target']} | "
+                f"{row['compilations']} | {row['failed']} | {row['registers']} | "
+                f"{row['spilling']} | {row['spills']} | {row['stack']} | {row['num_warps']} | "
+                f"{row['warps_per_sm']} |"
+            )
+    lines.append("")
     for report in reports:
         found = problems(report)
         lines += [
@@ -500,29 +552,31 @@ def markdown(reports: list[dict], command: str, commit: str) -> str:
             "",
             f"{len(report['compilations'])} distinct compilations from {report['launches']} "
             f"launches ({len(report['variants'])} variants); capture {report['capture_seconds']} "
-            f"s, compile (wall s, one process per target at once, on the machine below) "
-            f"{report['compile_seconds']}. Findings: "
+            f"s; compile, one process per target at the same time: "
+            + ", ".join(f"{t} {s} s" for t, s in report["compile_seconds"].items())
+            + ". Findings: "
             + (f"{len(found)}" if found else "none (no compile error, no spill)."),
             "",
         ]
         lines += [f"- {f}" for f in found] + ([""] if found else [])
         lines += [
-            "| kernel | target | constexprs | regs | spill st/ld B | stack B | shared B | warps "
-            "| warps/SM (limit) | variants |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| kernel | target | pointers | constexprs | regs | spill st/ld B | stack B "
+            "| shared B | warps | warps/SM (limit) | variants |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in report["compilations"]:
             if not r["ok"]:
                 lines.append(
-                    f"| {_short(r['kernel'])} | {r['target']} | | FAILED: "
+                    f"| {_short(r['kernel'])} | {r['target']} | | | FAILED: "
                     f"{r['error'].splitlines()[0][:80]} | | | | | | {_variant_summary(r['variants'])} |"
                 )
                 continue
+            pointers = " ".join(t[1:] for t in r["signature"].values() if t.startswith("*"))
             const = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
             occ = r.get("occupancy") or {}
             lines.append(
-                f"| {_short(r['kernel'])} | {r['target']} | {const} | {r['registers']} | "
-                f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | "
+                f"| {_short(r['kernel'])} | {r['target']} | {pointers} | {const} | "
+                f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} | "
                 f"{r['shared'] + (r['static_smem'] or 0)} | {r['num_warps']} | "
                 f"{occ.get('warps_per_sm')} ({occ.get('limited_by')}) | "
                 f"{_variant_summary(r['variants'])} |"
