@@ -7,7 +7,7 @@ ptxas for sm_90 (H100) and sm_80 (A100), and ptxas -v says its registers, spills
 
     python -m bench.compile_kernels [--oldest DIR]   # both triton versions -> bench/results/compile/
 
-How (one worker process per triton version, without TRITON_INTERPRET):
+How (worker processes without TRITON_INTERPRET: one per triton version and target):
   1. capture: the wrappers (kernels/routing.py: _route_forward, _route_backward; kernels/
      digit_caps.py: _forward, _backward) run on fake CUDA tensors (FakeTensorMode: shapes,
      dtypes and strides, no memory) with every `*_kernel` of both modules replaced by a recorder
@@ -16,18 +16,19 @@ How (one worker process per triton version, without TRITON_INTERPRET):
      code path and geometry.
   2. compile: each recorded launch is replayed through Triton's own launch path,
      `JITFunction.warmup` (argument binding, int/pointer specialisation, options, cache), with
-     Triton's driver replaced by one that only names the target: Triton compiles and loads
-     nothing. A tensor argument is replayed as a pointer at a 512-byte aligned base (what the
-     CUDA caching allocator hands out) plus the view's byte offset, so alignment specialisation
-     matches a real launch. Identical compilations (same kernel, signature, constexprs, options
+     Triton's driver replaced by one that only names the target: Triton compiles, and loads
+     and launches nothing. A tensor argument is replayed as a pointer at a 512-byte aligned
+     base (what the CUDA caching allocator hands out) plus the view's byte offset, so alignment
+     specialisation matches a real launch. Identical compilations (same kernel, signature, constexprs, options
      and target: Triton's own kernel hash) are compiled once and list every variant that needs
      them. ptxas -v output (TRITON_DUMP_PTXAS_LOG) gives registers, spills and stack.
 
 Why a worker process: under TRITON_INTERPRET=1 (set by the test suites' conftest) the `@triton.jit`
-objects and every helper they call are interpreter functions that the GPU code generator cannot
-compile, and the wrappers pick interpreter tile sizes from them; a process started without it
-imports the same modules as a GPU user does. The oldest supported triton needs its own process
-anyway (PYTHONPATH=DIR, a `pip install --no-deps --target DIR triton==OLDEST_TRITON`).
+objects and every helper they call are InterpretedFunctions: the GPU code generator rejects them
+("Unsupported function referenced"), and the wrappers pick interpreter tile sizes from them. A
+process started without it imports the same modules, and takes the same code path, as a GPU
+user. The oldest supported triton needs its own process anyway (PYTHONPATH=DIR, a
+`pip install --no-deps --target DIR triton==OLDEST_TRITON`).
 
 tests/test_kernel_compile.py runs this check (fails on a compile error, a spill, or a `*_kernel`
 never launched); the script writes the per-kernel table with an occupancy estimate.
@@ -104,12 +105,18 @@ class _Pointer:
         return f"<{self.dtype} at base+{self.byte_offset}>"
 
 
+@dataclasses.dataclass
+class _Capture:
+    launches: list = dataclasses.field(default_factory=list)
+    variant: str = ""  # the case and direction now running: stamped on each launch
+
+
 class _Recorder:
     """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` is recorded, not run.
     Not an InterpretedFunction, so the wrappers' interpreter check says "GPU"."""
 
-    def __init__(self, name: str, launches: list, variant: list):
-        self.name, self.launches, self.variant = name, launches, variant
+    def __init__(self, name: str, capture: _Capture):
+        self.name, self.capture = name, capture
 
     def __getitem__(self, grid):
         import torch
@@ -118,10 +125,10 @@ class _Recorder:
             if callable(grid):
                 raise NotImplementedError(f"{self.name}: a callable grid is not captured yet")
             pointer = lambda x: _Pointer(x) if isinstance(x, torch.Tensor) else x  # noqa: E731
-            self.launches.append(
+            self.capture.launches.append(
                 Launch(
                     kernel=self.name,
-                    variant=self.variant[0],
+                    variant=self.capture.variant,
                     grid=tuple(int(g) for g in grid),
                     args=tuple(pointer(a) for a in args),
                     kwargs={k: pointer(v) for k, v in kwargs.items()},
@@ -172,11 +179,11 @@ _DEVICE_EXCHANGE = ("_exchange_device", "_maybe_exchange_device")  # what torch.
 
 
 @contextlib.contextmanager
-def _recording(modules, launches: list, variant: list):
+def _recording(modules, capture: _Capture):
     saved = [(m, n, k) for m in modules for n, k in jit_kernels(m).items()]
     try:
         for module, name, _ in saved:
-            setattr(module, name, _Recorder(f"{module.__name__}:{name}", launches, variant))
+            setattr(module, name, _Recorder(f"{module.__name__}:{name}", capture))
         yield
     finally:
         for module, name, kernel in saved:
@@ -210,29 +217,29 @@ def capture() -> dict:
     routing, digit_caps = modules
     dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
     I, J, D, Din, T = (PAPER[k] for k in ("I", "J", "D", "Din", "T"))
-    launches, variant, sm_queries = [], [""], []
-    with _as_h100(modules, sm_queries), _recording(modules, launches, variant), FakeTensorMode():
+    log, sm_queries = _Capture(), []
+    with _as_h100(modules, sm_queries), _recording(modules, log), FakeTensorMode():
         for op, B, act, par, with_bias in cases():
             a, p = dtypes[act], dtypes[par]
             bias = torch.empty((J, D), dtype=p, device="cuda") if with_bias else None
             name = case_name(op, B, act, par, with_bias)
             if op == "routing":
                 u_hat = torch.empty((B, I, J, D), dtype=a, device="cuda")
-                variant[0] = f"{name} fwd"
+                log.variant = f"{name} fwd"
                 v, S, Vs = routing._route_forward(u_hat, bias, T)
                 for detach in (False, True):
-                    variant[0] = f"{name} bwd" + (" detach" if detach else "")
+                    log.variant = f"{name} bwd" + (" detach" if detach else "")
                     routing._route_backward(torch.empty_like(v), u_hat, S, Vs, detach)
             else:
                 u = torch.empty((B, I, Din), dtype=a, device="cuda")
                 W = torch.empty((I, J, D, Din), dtype=p, device="cuda")
-                variant[0] = f"{name} fwd"
+                log.variant = f"{name} fwd"
                 v, s_all, Vprev = digit_caps._forward(u, W, bias, T)
                 for detach in (False, True):
-                    variant[0] = f"{name} bwd" + (" detach" if detach else "")
+                    log.variant = f"{name} bwd" + (" detach" if detach else "")
                     digit_caps._backward(torch.empty_like(v), u, W, bias, s_all, Vprev, T, detach)
     defined = sorted(f"{m.__name__}:{n}" for m in modules for n in jit_kernels(m))
-    return dict(launches=launches, kernels_defined=defined, sm_queries=sorted(set(sm_queries)))
+    return dict(launches=log.launches, kernels_defined=defined, sm_queries=sorted(set(sm_queries)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +422,7 @@ def check(triton_dir: str | None = None, timeout: float = 1800) -> dict:
             out = Path(tmp) / f"{target}.json"
             cmd = [sys.executable, "-m", "bench.compile_kernels", "--worker", str(out), target]
             cache = dict(TRITON_CACHE_DIR=str(Path(tmp) / f"cache-{target}"))
-            log = open(Path(tmp) / f"{target}.log", "w+")  # noqa: SIM115  (closed below)
+            log = open(Path(tmp) / f"{target}.log", "w+")  # closed below
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env | cache, stdout=log, stderr=log)
             running[target] = (proc, out, log)
         reports = []
@@ -464,9 +471,11 @@ def problems(report: dict) -> list[str]:
         elif r["registers"] is None or r["spill_stores"] is None:
             found.append(f"{where}: no ptxas -v figures in the compile log")
         elif r["spill_stores"] or r["spill_loads"]:
+            const = ", ".join(f"{k}={v}" for k, v in r.get("constexprs", {}).items())
             found.append(
                 f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads, "
                 f"{r['registers']} registers, {r['stack']} B stack, {r['num_warps']} warps"
+                + (f"; {const}" if const else "")
             )
     return found
 

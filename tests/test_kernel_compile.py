@@ -54,8 +54,8 @@ def test_floor_in_pyproject_is_the_oldest_checked():
 
 
 def test_worker_ran_this_tree_and_the_gpu_path(report):
-    """The worker imported this tree's capsfast, and the wrappers chose
-    the GPU geometry (they asked for the SM count) for every module."""
+    """The worker imported this tree's capsfast, and the wrappers of both modules chose the GPU
+    geometry (they asked for the SM count)."""
     assert Path(report["capsfast_file"]).resolve().is_relative_to(ROOT)
     assert set(report["sm_queries"]) >= set(ck.KERNEL_MODULES)
 
@@ -99,3 +99,47 @@ def test_no_register_spills(report):
             assert r["registers"] is not None and r["spill_stores"] is not None, r["ptxas_log"]
     spills = [line for line in ck.problems(report) if "spills" in line]
     assert not spills, "\n".join(spills)
+
+
+# The check's own verdicts, on real ptxas output (triton 3.6, sm_90, digit_caps._bwd_pass_kernel
+# at B=512, bf16 u with fp32 W): cheap, no compile.
+PTXAS_SPILLING = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_bwd_pass_kernel' for 'sm_90a'
+ptxas info    : Function properties for _bwd_pass_kernel
+    16 bytes stack frame, 16 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 16 bytes cumulative stack size
+ptxas info    : Compile time = 908.059 ms"""
+
+
+def test_a_spill_or_an_unlaunched_kernel_is_a_finding():
+    figures = ck.parse_ptxas(PTXAS_SPILLING)
+    assert figures == dict(
+        registers=168, spill_stores=16, spill_loads=16, stack=16, static_smem=None
+    )
+    build = dict(kernel="m:_bwd_pass_kernel", target="sm_90", ok=True, variants=["v"], num_warps=4)
+    report = dict(
+        triton="3.6.0",
+        kernels_defined=["m:_bwd_pass_kernel", "m:_new_kernel"],
+        kernels_launched=["m:_bwd_pass_kernel"],
+        compilations=[build | figures],
+    )
+    found = ck.problems(report)
+    assert len(found) == 2
+    assert "m:_new_kernel: never launched" in found[0]
+    assert "spills 16 B stores / 16 B loads, 168 registers" in found[1]
+    clean = ck.parse_ptxas(PTXAS_SPILLING.replace("16 bytes spill", "0 bytes spill"))
+    assert not ck.problems(report | dict(compilations=[build | clean], kernels_defined=[]))
+
+
+def test_occupancy_estimate_matches_the_cuda_occupancy_calculator():
+    # 64 registers, 8 warps: 2048 registers per warp, 32 warps fit (50%), 4 blocks.
+    assert ck.occupancy(64, 0, 8, "sm_90")["warps_per_sm"] == 32
+    # 168 registers round to 5376 per warp: 12 warps fit, 3 blocks of 4 warps.
+    assert ck.occupancy(168, 0, 4, "sm_90") == dict(warps_per_sm=12, of=64, limited_by="registers")
+    # 255 registers round to 8192 per warp: 8 warps, 2 blocks of 4.
+    assert ck.occupancy(255, 0, 4, "sm_80")["warps_per_sm"] == 8
+    # 100 KiB of shared memory per block: one block on sm_80 (164 KiB), two on sm_90 (228 KiB).
+    assert ck.occupancy(32, 100 * 1024, 4, "sm_80") == dict(
+        warps_per_sm=4, of=64, limited_by="shared_memory"
+    )
+    assert ck.occupancy(32, 100 * 1024, 4, "sm_90")["warps_per_sm"] == 8
