@@ -44,6 +44,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -525,7 +526,7 @@ def summary_rows(report: dict) -> list[dict]:
     return out
 
 
-def markdown(reports: list[dict], command: str, commit: str) -> str:
+def markdown(reports: list[dict], command: str, commit: str, machine: dict) -> str:
     lines = [
         "# Triton kernels compiled for GPU targets (no GPU: Triton frontend + LLVM + ptxas)",
         "",
@@ -537,7 +538,9 @@ def markdown(reports: list[dict], command: str, commit: str) -> str:
         "spills and stack from ptxas -v; shared = Triton's dynamic shared memory + ptxas static; "
         "warps/SM is an occupancy estimate (registers in 256-per-warp units, shared memory + 1 "
         "KiB per block, at most 64 warps and 32 blocks per SM), not a measurement. Compile "
-        "times are wall seconds on the machine that ran it (a shared 2-core CPU box).",
+        "times are wall seconds on the machine that ran it: "
+        + ", ".join(f"{k} {v}" for k, v in machine.items())
+        + ".",
         "",
         "## Summary",
         "",
@@ -615,16 +618,23 @@ def main(argv=None) -> int:
             f"--oldest DIR (or ${OLDEST_ENV}) is required: pip install --no-deps --target DIR "
             f"triton=={OLDEST_TRITON}"
         )
-    from capsfast.provenance import git_commit
+    from capsfast.provenance import git_commit, versions
 
     reports = [check(), check(args.oldest)]
     command = f"python -m bench.compile_kernels --oldest DIR  # DIR: triton=={OLDEST_TRITON}"
     args.out.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
-    (args.out / "kernels.json").write_text(
-        json.dumps(dict(command=command, commit=commit, reports=reports), indent=1) + "\n"
+    machine = dict(
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        platform=platform.platform(),
+        cpus=os.cpu_count(),
+        **{k: v for k, v in versions().items() if k != "triton"},  # each report names its own
     )
-    (args.out / "kernels.md").write_text(markdown(reports, command, commit))
+    (args.out / "kernels.json").write_text(
+        json.dumps(dict(command=command, commit=commit, machine=machine, reports=reports), indent=1)
+        + "\n"
+    )
+    (args.out / "kernels.md").write_text(markdown(reports, command, commit, machine))
     for report in reports:
         for line in problems(report):
             print(line)
