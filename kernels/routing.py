@@ -207,17 +207,22 @@ def _env_int(name: str) -> int | None:
     return n
 
 
+# GPU tile: values of u_hat per [BLOCK_I, JP, DP] tile, 8 fp32 registers per thread and tile at
+# 4 warps, so that triton 3.6's ptxas allocates the backward passes without spills and with
+# several warps per scheduler (the passes are memory-bound).
+GPU_TILE = 1024
+
+
 def _tiling(B: int, I: int, J: int, D: int, programs: int, gpu: bool) -> dict:
     """Tile sizes and the (sample, i-slice) grid.
 
     JP, DP: J and D padded to powers of two (masked). BLOCK_I: rows of i per tile, so that a
-    [BLOCK_I, JP, DP] fp32 tile is about 2K values on the GPU (16 registers per thread at 4 warps
-    per live tile) and larger under the interpreter. n_slices: i-slices per sample, enough for
+    [BLOCK_I, JP, DP] fp32 tile holds GPU_TILE values on the GPU and 32K under the interpreter. n_slices: i-slices per sample, enough for
     B * n_slices to reach `programs`; each program walks N_CHUNKS tiles of its slice.
     """
     JP = triton.next_power_of_2(J)
     DP = triton.next_power_of_2(D)
-    tile_values = 2048 if gpu else 32768
+    tile_values = GPU_TILE if gpu else 32768
     BLOCK_I = _env_int("CAPSFAST_ROUTING_BLOCK_I") or max(1, tile_values // (JP * DP))
     if BLOCK_I & (BLOCK_I - 1):
         raise ValueError(f"CAPSFAST_ROUTING_BLOCK_I must be a power of two, got {BLOCK_I}")
