@@ -48,7 +48,9 @@ def patterned(n: int, classes: int, channels: int, side: int, seed: int = 0):
     images = (torch.rand(n, channels, side, side, generator=g) * 50).to(torch.uint8)
     for i, k in enumerate(labels.tolist()):
         r, c = 7 + 3 * (k % 3), 7 + 3 * ((k // 3) % 3)
-        colour = [255 if (k + ch) % channels == 0 or channels == 1 else 80 for ch in range(channels)]
+        colour = [
+            255 if (k + ch) % channels == 0 or channels == 1 else 80 for ch in range(channels)
+        ]
         images[i, :, r : r + 5, c : c + 5] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
     return images, labels
 
@@ -315,7 +317,7 @@ def test_cifar10_preset_shapes_and_parameter_count():
     model = CapsNet(mc)
     # Counted by hand: conv1 3*81*256 + 256; PrimaryCaps 256*512*81 + 512; W 1024*11*16*8;
     # bias 11*16; decoder (160*512 + 512) + (512*1024 + 1024) + (1024*1728 + 1728).
-    by_hand = (62_464 + 10_617_344 + 1_441_792 + 176 + 82_432 + 525_312 + 1_771_200)
+    by_hand = 62_464 + 10_617_344 + 1_441_792 + 176 + 82_432 + 525_312 + 1_771_200
     assert sum(p.numel() for p in model.parameters()) == by_hand == 14_500_720
     assert model.digit.W.shape == (1024, 11, 16, 8) and model.digit.bias.shape == (11, 16)
     images = centre_crop(x, 24).float() / 255
