@@ -437,12 +437,16 @@ class HostChunks:
         if not self.cuda:
             self.loaded[(epoch, chunk)] = (buf.clone(), idx, self.labels[idx], None)
             return
+        # Allocated on the training stream, which uses them (the side stream only writes them
+        # before the event that the training stream waits for).
         x = torch.empty(buf.shape, dtype=torch.uint8, device=self.device)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # x is allocated
+        idx_d = torch.empty(idx.shape, dtype=idx.dtype, device=self.device)
+        y = torch.empty(idx.shape, dtype=self.labels.dtype, device=self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             x.copy_(buf, non_blocking=True)
-            idx_d = idx.to(self.device, non_blocking=True)
-            y = self.labels[idx].to(self.device, non_blocking=True)
+            idx_d.copy_(idx)
+            y.copy_(self.labels[idx])
             event = torch.cuda.Event()
             event.record(self.stream)
         self.copied[slot] = event

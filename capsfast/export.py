@@ -1,7 +1,10 @@
 """Exported models: `model.safetensors` + `config.json`, loadable without any training code.
 
 config.json holds {"format": "capsfast-model", "format_version": 1, "model": ModelConfig fields,
-"meta": {...free-form provenance...}}. The routing implementation is not part of the model: any
+"meta": {...free-form provenance...}}. The model's fields include what using it needs: its
+class names and how a picture becomes its input (input_style, input_resize); meta names the data
+set it was trained on ("dataset", e.g. "cifar10"). An export written before those existed loads
+as an MNIST model (digits 0-9). The routing implementation is not part of the model: any
 exported model loads under any implementation.
 """
 
