@@ -278,7 +278,7 @@ def plot(matrix: list[dict], measured: list[dict], path) -> None:
     ax.set_title(f"analytic peak of one fp32 training step, batch {BATCH}")
     ax.legend(fontsize=7)
     bx.set_ylabel("MiB per sample")
-    bx.set_title("per-sample peak: analytic (lines), measured CPU RSS (x: 10, +: 100 classes)")
+    bx.set_title("per sample: analytic (lines), CPU RSS (x: 10, +: 100 classes)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -290,7 +290,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-measure", action="store_true", help="the analytic matrix only")
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/cpu/...)")
     parser.add_argument("--plot", default=str(ROOT / "bench" / "results" / "memory.png"))
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the plot from a results file")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            record = json.load(f)
+        plot(record["analytic"], record["measured_cpu_rss"], args.plot)
+        return 0
     if args.rss_child:
         impl, size, classes, batch = args.rss_child
         print(json.dumps(_rss_child(impl, int(size), int(classes), int(batch))))
