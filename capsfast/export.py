@@ -1,7 +1,10 @@
 """Exported models: `model.safetensors` + `config.json`, loadable without any training code.
 
 config.json holds {"format": "capsfast-model", "format_version": 1, "model": ModelConfig fields,
-"meta": {...free-form provenance...}}. The routing implementation is not part of the model: any
+"meta": {...free-form provenance...}}. The model's fields include what using it needs: its
+class names and how a picture becomes its input (input_style, input_resize); meta names the data
+set it was trained on ("dataset", e.g. "cifar10"). An export written before those existed loads
+as an MNIST model (digits 0-9). The routing implementation is not part of the model: any
 exported model loads under any implementation.
 """
 
@@ -62,6 +65,27 @@ def _check_directory(directory: Path) -> None:
     )
 
 
+# Model fields that came with data sets other than MNIST: an export written before them lacks
+# them and loads as an MNIST model (ModelConfig's defaults).
+DATA_FIELDS = ("none_class", "class_names", "input_style", "input_resize")
+
+
+def _check_data_field(name: str, value, section: dict, path: Path, redo: str) -> None:
+    from capsfast.data import INPUT_STYLES
+
+    if name == "class_names":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ok = ok and len(value) == section.get("num_classes", len(value))
+        want = "a list of num_classes strings"
+    elif name == "input_style":
+        ok, want = value in INPUT_STYLES, f"one of {', '.join(INPUT_STYLES)}"
+    else:  # input_resize
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        want = "a positive int or null"
+    if not ok:
+        raise ModelError(f"{path}: model key {name!r} is {value!r}, must be {want}; {redo}")
+
+
 def _model_config(section, path: Path) -> ModelConfig:
     """The "model" section of config.json as a ModelConfig: every field present, each of the
     type its default has, the sizes positive (a hand-edited or damaged file fails here, in one
@@ -76,11 +100,17 @@ def _model_config(section, path: Path) -> ModelConfig:
         raise ModelError(
             f"{path}: unknown model keys {unknown} (written by a newer capsfast?): upgrade capsfast"
         )
-    missing = [n for n in names if n not in section]
+    missing = [n for n in names if n not in section and n not in DATA_FIELDS]
     if missing:
         raise ModelError(f"{path}: model keys {missing} are missing; {redo}")
+    section = {k: v for k, v in section.items() if v is not None or k not in DATA_FIELDS}
     for name in names:
+        if name not in section:  # a data field an older export lacks: its default (MNIST's)
+            continue
         value, default = section[name], getattr(defaults, name)
+        if name in DATA_FIELDS and name != "none_class":
+            _check_data_field(name, value, section, path, redo)
+            continue
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
