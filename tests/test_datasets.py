@@ -334,6 +334,19 @@ def test_cifar10_preset_shapes_and_parameter_count():
     assert not torch.allclose(plain(images).poses, out.poses)
 
 
+def test_smallest_input_is_17_pixels():
+    """Two 9x9 convolutions, the second with stride 2: 17x17 leaves a 1x1 primary grid, 16x16
+    nothing; the error says the real minimum (it said 25 before)."""
+    from capsfast.model import CapsNet, ModelConfig
+
+    with pytest.raises(ValueError, match="16x16 input is too small.*at least 17x17 pixels"):
+        ModelConfig(image_size=16)
+    cfg = ModelConfig(image_size=17, in_channels=3, num_classes=4)
+    assert cfg.primary_grid == 1 and cfg.num_primary == 32
+    out = CapsNet(cfg)(torch.rand(2, 3, 17, 17))
+    assert out.lengths.shape == (2, 4) and out.reconstructions.shape == (2, 3, 17, 17)
+
+
 def test_routing_auto_weighs_memory():
     from capsfast.memory import auto_routing, step_peak_bytes
     from capsfast.model import ModelConfig
@@ -371,6 +384,11 @@ def test_a_few_steps_reduce_the_loss(tmp_path, name, writer, extra):
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["meta"]["dataset"] == name and config["model"]["image_size"] == SIZE
     assert config["model"]["class_names"] == summary["class_names"]
+    # A validation split held out of train (16 of the 160 training images), the test set apart.
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert (resolved["val_size"], resolved["train_size"]) == (16, 144)
+    epochs = [r for r in records if r["kind"] == "epoch"]  # 9 steps an epoch: one end of epoch
+    assert epochs and all(0 <= r["val_accuracy"] <= 1 for r in epochs)
 
 
 def test_separable_colour_folder_end_to_end(tmp_path, capsys):
@@ -419,6 +437,34 @@ def test_separable_colour_folder_end_to_end(tmp_path, capsys):
     monkey.undo()
     ticks = [t.get_text() for t in drawn["fig"].axes[0].get_xticklabels()]
     assert ticks == ["blue", "green", "red"]
+
+
+def test_predict_prepares_each_input_style_from_the_exported_config():
+    """fit (Fashion-MNIST): a dark object on a light page, inverted and scaled to fill the frame;
+    mnist at another size: the 20x20-box digit, resized to the model's side; photo: RGB, shorter
+    side to input_resize, centre crop (a 2:1 picture loses its sides, keeps its colour)."""
+    from capsfast.infer import prepare_input
+    from capsfast.model import ModelConfig
+
+    page = np.full((60, 90), 240, np.uint8)
+    page[20:40, 30:60] = 20  # a 30 x 20 dark object, off-centre on a light page
+    x = prepare_input(ModelConfig(input_style="fit"), Image.fromarray(page))
+    assert x.shape == (1, 28, 28) and x[0, 14, 14] > 0.8  # light on dark, centred
+    filled = torch.nonzero(x[0] > 0.5)
+    assert filled[:, 1].min() == 0 and filled[:, 1].max() == 27  # the long side fills the frame
+    assert x[0, 0, 14] < 0.1 and x[0, 27, 14] < 0.1  # the short side does not
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 255
+    small = prepare_input(ModelConfig(image_size=SIZE), Image.fromarray(digit))
+    assert small.shape == (1, SIZE, SIZE) and small.max() > 0.5 and small[0, :, 0].max() == 0
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :20] = (0, 0, 255)  # blue sides, cropped away; a red centre
+    wide[:, 20:60] = (255, 0, 0)
+    wide[:, 60:] = (0, 0, 255)
+    cfg = ModelConfig(in_channels=3, image_size=SIZE, input_style="photo", input_resize=24)
+    photo = prepare_input(cfg, Image.fromarray(wide))
+    assert photo.shape == (3, SIZE, SIZE)
+    assert photo[0].min() > 0.9 and photo[2].max() < 0.1  # all red: the blue sides are gone
 
 
 def test_old_export_without_class_names_loads_as_mnist_digits(tmp_path):
