@@ -482,6 +482,8 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     )
     meta = {"run_id": state.run_id, "preset": cfg.preset, "seed": cfg.seed, "commit": git_commit(),
             "dataset": data.name}  # fmt: skip
+    if data.name.startswith("folder:"):  # visualize holds out the same test images
+        meta["test_fraction"] = cfg.test_fraction
     end_context = dict(acc=acc, cfg=cfg, eval_model=eval_model, val_x=val_x, val_y=val_y,
                        state=state, out=out, meta=meta, optimizer=optimizer,
                        steps_per_epoch=steps_per_epoch)  # fmt: skip

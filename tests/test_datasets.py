@@ -438,6 +438,12 @@ def test_separable_colour_folder_end_to_end(tmp_path, capsys):
     ticks = [t.get_text() for t in drawn["fig"].axes[0].get_xticklabels()]
     assert ticks == ["blue", "green", "red"]
 
+    # visualize holds out the run's test images (--test-fraction 0.25: 30 of 120, not 24)
+    capsys.readouterr()
+    assert figures.main([str(model_dir), "--out", str(tmp_path / "vis"), "--device", "cpu"]) == 0
+    assert f"30 folder:{root} test images" in capsys.readouterr().out
+    assert (tmp_path / "vis" / "confusion_matrix.png").is_file()
+
 
 def test_predict_prepares_each_input_style_from_the_exported_config():
     """fit (Fashion-MNIST): a dark object on a light page, inverted and scaled to fill the frame;
