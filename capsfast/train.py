@@ -336,6 +336,7 @@ def prepare_model(model_cfg: ModelConfig, cfg: TrainConfig, accelerator, local_b
     device = accelerator.device
     model = CapsNet(model_cfg).to(device)
     requested = cfg.routing
+    memory.check_fused_shape(model_cfg, requested)
     if requested == "auto":
         local_batch = local_batch or cfg.batch_size // accelerator.num_processes
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None

@@ -361,6 +361,21 @@ def test_routing_auto_weighs_memory():
     assert auto_routing(ModelConfig(image_size=96, num_classes=47), 128, "cuda", gib) == "auto"
 
 
+def test_fused_routing_with_too_many_classes_is_a_one_line_error(tmp_path, capsys):
+    """EMNIST balanced (47 classes) with --routing fused: the kernel takes J <= 32; a one-line
+    error before training (it was the kernel's ValueError, with a traceback, at the first step)."""
+    from capsfast.cli import run
+
+    root = write_idx_set(tmp_path / "e", "emnist-balanced", n_train=40, n_test=10, classes=47)
+    args = ["--dataset", "emnist-balanced", "--data-dir", str(root), "--routing", "fused",
+            "--max-steps", "1", "--batch-size", "4", "--report-to", "none",
+            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    assert run("train", args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("capsfast: error: --routing fused takes at most 32")
+    assert "routes to 47" in err[0]
+
+
 # --------------------------------------------------------------------------- training
 @pytest.mark.parametrize(
     "name, writer, extra",
