@@ -374,6 +374,16 @@ def test_fused_routing_with_too_many_classes_is_a_one_line_error(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("capsfast: error: --routing fused takes at most 32")
     assert "routes to 47" in err[0]
+    # predict with such a model: the same line, before any image is read
+    from capsfast.export import save_model
+    from capsfast.model import CapsNet, ModelConfig
+
+    save_model(CapsNet(ModelConfig(image_size=SIZE, num_classes=47)), tmp_path / "m")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "x.png")
+    predict = ["--model", str(tmp_path / "m"), "--routing", "fused", "--device", "cpu"]
+    assert run("predict", [*predict, str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("predict: error: --routing fused takes at most 32")
 
 
 # --------------------------------------------------------------------------- training
