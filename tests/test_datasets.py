@@ -334,6 +334,13 @@ def test_cifar10_preset_shapes_and_parameter_count():
     assert not torch.allclose(plain(images).poses, out.poses)
 
 
+def test_image_size_is_refused_where_it_would_be_ignored():
+    """--image-size resizes folder: images; for a data set of fixed size it was silently ignored."""
+    with pytest.raises(ValueError, match="--image-size resizes folder: data sets only.*--crop"):
+        resolve({"dataset": "cifar10", "image_size": 48}).validate()
+    assert resolve({"dataset": "folder:pics", "image_size": 48}).validate().image_size == 48
+
+
 def test_smallest_input_is_17_pixels():
     """Two 9x9 convolutions, the second with stride 2: 17x17 leaves a 1x1 primary grid, 16x16
     nothing; the error says the real minimum (it said 25 before)."""
