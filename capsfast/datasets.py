@@ -30,6 +30,7 @@ from capsfast.data import (
     check_labels,
     find_file,
     load_mnist,
+    one_line,
     read_idx_set,
 )
 
@@ -94,7 +95,7 @@ def _download(name: str, root: Path, fetch) -> None:
         fetch()
     except Exception as e:
         raise DataError(
-            f"--download of {name} into {root} failed ({type(e).__name__}: {e}); put the files "
+            f"--download of {name} into {root} failed ({one_line(e)}); put the files "
             f"there yourself (torchvision's layout) and pass --data-dir"
         ) from None
 

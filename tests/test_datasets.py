@@ -253,6 +253,26 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
         parse_name("emnist-foo")
 
 
+def test_a_failed_download_is_one_line(tmp_path):
+    """torchvision's downloaders fail with one line per mirror tried (as KMNIST's did here,
+    offline); the DataError keeps it to one line."""
+    from capsfast.datasets import _download
+
+    def offline():
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried http://codh.rois.ac.jp/kmnist/"
+            ", got:\n<urlopen error [Errno -2] Name or service not known>\n"
+        )
+
+    with pytest.raises(DataError) as e:
+        _download("kmnist", tmp_path, offline)
+    message = str(e.value)
+    assert "\n" not in message and "RuntimeError: Error downloading" in message
+    assert message.endswith(
+        "put the files there yourself (torchvision's layout) and pass --data-dir"
+    )
+
+
 # --------------------------------------------------------------------------- augmentation
 def test_crops_flips_are_pure_functions_of_seed_epoch_index():
     idx = torch.arange(4000)
