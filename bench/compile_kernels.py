@@ -630,6 +630,10 @@ def main(argv=None) -> int:
         cpus=os.cpu_count(),
         **{k: v for k, v in versions().items() if k != "triton"},  # each report names its own
     )
+    # The committed table names files by their place in the tree or the package, not this machine.
+    for report in reports:
+        report["capsfast_file"] = str(Path(report["capsfast_file"]).resolve().relative_to(ROOT))
+        report.pop("triton_file")  # the version names it
     (args.out / "kernels.json").write_text(
         json.dumps(dict(command=command, commit=commit, machine=machine, reports=reports), indent=1)
         + "\n"
