@@ -33,11 +33,12 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench.common import DEVICE, ON_CUDA, ROOT, describe, finish, run_info, timed
+from bench.common import DEVICE, ON_CUDA, describe, finish, run_info, timed
 from capsfast.memory import (
     common_activation_bytes,
     fused_supports,
@@ -49,6 +50,7 @@ from capsfast.memory import (
 )
 from capsfast.model import CapsNet, ModelConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 SIZES = (28, 36, 64, 96)
 CLASSES = (10, 100)
 IMPLS = ("torch", "triton", "fused")
