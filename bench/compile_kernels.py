@@ -158,16 +158,23 @@ def _as_h100(modules, sm_queries: list):
     """The wrappers' GPU queries answer for an H100 without a GPU: the SM count (kernels/
     common.py's `sm_count`, under each name it is imported by) is 132, and CUDA device guards
     (torch.cuda.device) switch nothing. Appends to sm_queries the module that asked for the SM
-    count: proof that the wrappers chose the GPU geometry."""
+    count (the calling module, whichever name it used): proof that the wrappers chose the GPU
+    geometry."""
     import torch
 
     common = importlib.import_module("capsfast.kernels.common")
     users = [m for m in (common, *modules) if vars(m).get("sm_count") is common.sm_count]
     saved = [(m, "sm_count", common.sm_count) for m in users]
     saved += [(torch.cuda, n, getattr(torch.cuda, n)) for n in _DEVICE_EXCHANGE]
+
+    def h100_sm_count(device) -> int:
+        # Who asked: the calling wrapper's module (they call it as common.sm_count).
+        sm_queries.append(sys._getframe(1).f_globals["__name__"])
+        return H100_SMS
+
     try:
         for module in users:
-            module.sm_count = lambda device, _m=module.__name__: sm_queries.append(_m) or H100_SMS
+            module.sm_count = h100_sm_count
         for name in _DEVICE_EXCHANGE:
             setattr(torch.cuda, name, lambda index: index)  # the one device stays current
         yield
@@ -630,6 +637,10 @@ def main(argv=None) -> int:
         cpus=os.cpu_count(),
         **{k: v for k, v in versions().items() if k != "triton"},  # each report names its own
     )
+    # The committed table names files by their place in the tree or the package, not this machine.
+    for report in reports:
+        report["capsfast_file"] = str(Path(report["capsfast_file"]).resolve().relative_to(ROOT))
+        report.pop("triton_file")  # the version names it
     (args.out / "kernels.json").write_text(
         json.dumps(dict(command=command, commit=commit, machine=machine, reports=reports), indent=1)
         + "\n"

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         rec = record_run(args, passthrough, seed, sha)
         path = out / f"{args.preset}_seed{seed}_{rec['date'].replace(':', '')}.json"
-        path.write_text(json.dumps(rec, indent=2) + "\n")
+        # A log is committed: paths inside this checkout are written relative to it.
+        path.write_text(json.dumps(rec, indent=2).replace(str(ROOT) + "/", "") + "\n")
         print(f"record: wrote {path}", flush=True)
         records.append(rec)
     print(f"\n{args.preset}: {len(records)} seed(s), commit {sha}, {records[0]['device']}")

@@ -50,7 +50,7 @@ from capsfast.memory import (
 )
 from capsfast.model import CapsNet, ModelConfig
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout: results and the RSS children's cwd
+ROOT = Path(__file__).resolve().parent.parent
 SIZES = (28, 36, 64, 96)
 CLASSES = (10, 100)
 IMPLS = ("torch", "triton", "fused")

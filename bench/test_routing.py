@@ -6,7 +6,7 @@ Two subjects, each compared with its eager reference at the same pass, dtype and
               (the fused kernel never stores u_hat, so it can only be compared on this subject)
 
 Bytes (for GB/s and the distance to the memory floor):
-  route       ROUTING.md's fused-kernel traffic: u_hat read T times (forward); read 2T times and
+  route       docs/routing.md's fused-kernel traffic: u_hat read T times (forward); read 2T times and
               du written once (forward+backward). At B=512 bf16: 1.3 GB per step.
   digit_caps  compulsory traffic: u, W, bias read and v written once (forward); plus grad_v read
               and du, dW, dbias written once (forward+backward).

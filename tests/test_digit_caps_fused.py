@@ -9,7 +9,7 @@ Every buffer the op allocates is filled with NaN first (CAPSFAST_POISON=1, set f
 here), so an element a kernel forgets to write fails the comparison.
 """
 
-# ruff: noqa: E741  (B, I, J, D, Din: the sizes as ROUTING.md and SPEC.md name them)
+# ruff: noqa: E741  (B, I, J, D, Din: the sizes as docs/routing.md and docs/spec.md name them)
 
 from __future__ import annotations
 
