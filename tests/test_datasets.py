@@ -4,8 +4,9 @@ sizes), clear errors for bad data, colour augmentation, streaming from host memo
 preset's model, `--routing auto`'s size rule, and class names through training, export, predict,
 the app and the figures.
 
-Cost: about 1.5 minutes on 2 free cores, most of it the trainer runs (7 short runs on 20x20
-inputs, the smallest size where CapsNet's primary grid is 2x2).
+Cost: about 1.5 minutes on 2 free cores (3.1 minutes with tests/test_data.py at load average 7
+on the shared 2-core machine), most of it the trainer runs (7 short runs on 20x20 inputs, the
+smallest size where CapsNet's primary grid is 2x2).
 """
 
 from __future__ import annotations
