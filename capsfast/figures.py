@@ -353,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     images = centre_crop(data.test_images[: args.test_size], model.config.image_size)
     labels = data.test_labels[: args.test_size]
     device = next(model.parameters()).device
+    shown = "MNIST" if dataset == "mnist" else dataset  # the others by their --dataset name
     source = args.data_dir or ("the copy shipped with capsfast" if dataset == "mnist" else "./data")
     print(
-        f"visualize: model {args.model}: {images.shape[0]:,} {dataset} test images ({source}) on "
+        f"visualize: model {args.model}: {images.shape[0]:,} {shown} test images ({source}) on "
         f"{device}, routing {model.routing}",
         flush=True,
     )
