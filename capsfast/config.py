@@ -184,6 +184,11 @@ class TrainConfig:
                 self.image_size is None or self.image_size >= 1,
                 f"--image-size must be >= 1, got {self.image_size}",
             ),
+            (
+                self.image_size is None or self.dataset.startswith("folder:"),
+                f"--image-size resizes folder: data sets only; {self.dataset}'s images keep their "
+                "size (pass --crop N to train on N x N crops)",
+            ),
             (self.primary_types >= 1, f"--primary-types must be >= 1, got {self.primary_types}"),
             (
                 self.checkpoint_every >= 0,

@@ -59,6 +59,13 @@ class DataError(UserError, ValueError):
     """Missing, truncated or corrupt data files, or unusable data; the message says what to do."""
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: `Type: message`, whitespace (torchvision's download
+    errors span lines: one per mirror tried) collapsed."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 HOW_TO_PROVIDE = (
     "pass --data-dir DIR with the four MNIST IDX files (gzipped or not, e.g. "
     "train-images-idx3-ubyte.gz), or --download to fetch them through torchvision"
@@ -229,7 +236,9 @@ def load_mnist(data_dir: str | Path | None = None, download: bool = False) -> Da
             for train in (True, False):
                 TVMNIST(str(directory), train=train, download=True)
         except Exception as e:  # network, disk: say what failed and what else to do
-            raise DataError(f"--download into {directory} failed ({e}); {HOW_TO_PROVIDE}") from None
+            raise DataError(
+                f"--download into {directory} failed ({one_line(e)}); {HOW_TO_PROVIDE}"
+            ) from None
     if not directory.exists():
         raise DataError(f"data directory {directory} does not exist; {HOW_TO_PROVIDE}")
     if not directory.is_dir():

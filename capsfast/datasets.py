@@ -30,6 +30,7 @@ from capsfast.data import (
     check_labels,
     find_file,
     load_mnist,
+    one_line,
     read_idx_set,
 )
 
@@ -94,7 +95,7 @@ def _download(name: str, root: Path, fetch) -> None:
         fetch()
     except Exception as e:
         raise DataError(
-            f"--download of {name} into {root} failed ({type(e).__name__}: {e}); put the files "
+            f"--download of {name} into {root} failed ({one_line(e)}); put the files "
             f"there yourself (torchvision's layout) and pass --data-dir"
         ) from None
 
@@ -144,7 +145,7 @@ def _unpickle(path: Path) -> dict:
             return pickle.load(f, encoding="latin1")
     except Exception as e:  # whatever a damaged pickle makes the unpickler raise
         raise DataError(
-            f"{path}: not a CIFAR-10 batch ({type(e).__name__}: {e}); the file is truncated or "
+            f"{path}: not a CIFAR-10 batch ({one_line(e)}); the file is truncated or "
             "corrupt: replace it (or --download into an empty --data-dir)"
         ) from None
 
@@ -204,7 +205,7 @@ def _svhn_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(f"X is {x.shape} and y {y.shape}, expected [32, 32, 3, N] and [N, 1]")
     except Exception as e:  # whatever a damaged file makes loadmat raise (IndexError, ValueError..)
         raise DataError(
-            f"{path}: not an SVHN .mat file ({type(e).__name__}: {e}); the file is truncated or "
+            f"{path}: not an SVHN .mat file ({one_line(e)}); the file is truncated or "
             "corrupt: replace it (or --download into an empty --data-dir)"
         ) from None
     labels = y.reshape(-1) % 10  # SVHN labels the digit 0 as 10 (torchvision maps it to 0 too)
@@ -316,7 +317,7 @@ def _decode(files: dict[str, list[Path]], classes: list[str], size: int, warn, w
                 images.append(image_to_tensor(img, 3, size))
             labels.append(label)
         except Exception as e:  # any decoder failure of one file: skip it, say so below
-            skipped.append(f"{path} ({type(e).__name__}: {str(e)[:80]})")
+            skipped.append(f"{path} ({one_line(e, 100)})")
     if skipped:
         shown = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
         warn(f"{where}: skipped {len(skipped)} of {len(todo)} unreadable image files: {shown}")

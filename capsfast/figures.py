@@ -346,14 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a directory (created if missing)")
     model = load_for_inference(args.model, args.device, args.routing)
-    dataset = read_config(args.model).get("meta", {}).get("dataset", "mnist")
-    data = load_dataset(dataset, args.data_dir, image_size=model.config.input_resize)
+    meta = read_config(args.model).get("meta", {})
+    dataset = meta.get("dataset", "mnist")
+    data = load_dataset(dataset, args.data_dir, image_size=model.config.input_resize,
+                        test_fraction=meta.get("test_fraction", 0.2))  # fmt: skip
     images = centre_crop(data.test_images[: args.test_size], model.config.image_size)
     labels = data.test_labels[: args.test_size]
     device = next(model.parameters()).device
+    shown = "MNIST" if dataset == "mnist" else dataset  # the others by their --dataset name
     source = args.data_dir or ("the copy shipped with capsfast" if dataset == "mnist" else "./data")
     print(
-        f"visualize: model {args.model}: {images.shape[0]:,} {dataset} test images ({source}) on "
+        f"visualize: model {args.model}: {images.shape[0]:,} {shown} test images ({source}) on "
         f"{device}, routing {model.routing}",
         flush=True,
     )

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from capsfast.errors import UserError, describe_os_error
 from capsfast.export import load_model
+from capsfast.memory import check_fused_shape
 from capsfast.routing import resolve_impl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -114,6 +115,7 @@ def load_for_inference(model_dir: str | Path, device: str = "auto", routing: str
     chosen = choose_device(device)
     impl = choose_routing(routing, chosen)
     model = load_model(model_dir, device=chosen, routing=impl)
+    check_fused_shape(model.config, impl)  # a 47-class model: not the fused kernel's ValueError
     return model
 
 

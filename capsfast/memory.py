@@ -115,6 +115,20 @@ def fused_supports(cfg: ModelConfig) -> bool:
     )
 
 
+def check_fused_shape(cfg: ModelConfig, requested: str) -> None:
+    """`--routing fused` on a model the fused kernel does not take (more than 32 routed capsules:
+    EMNIST byclass, bymerge, balanced; a folder of many classes) is a UserError before training,
+    not a ValueError from the kernel at the first step."""
+    if requested == "fused" and not fused_supports(cfg):
+        from capsfast.errors import UserError
+
+        raise UserError(
+            f"--routing fused takes at most {FUSED_MAX_JD} routed capsules (classes, plus "
+            f"none-of-the-above); this model routes to {cfg.routed_capsules}: use --routing auto, "
+            "triton or torch"
+        )
+
+
 def auto_routing(cfg: ModelConfig, batch: int, device_type: str, free_bytes: int | None) -> str:
     """What `--routing auto` runs, given the model the data configures and the batch per process.
 

@@ -64,8 +64,8 @@ class ModelConfig:
         if self.primary_grid < 1:
             raise ValueError(
                 f"a {self.image_size}x{self.image_size} input is too small for CapsNet's two "
-                f"{self.kernel_size}x{self.kernel_size} convolutions: it needs at least "
-                f"{3 * self.kernel_size - 2} pixels"
+                f"{self.kernel_size}x{self.kernel_size} convolutions (the second with stride 2): "
+                f"it needs at least {2 * self.kernel_size - 1}x{2 * self.kernel_size - 1} pixels"
             )
 
     @property

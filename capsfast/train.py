@@ -336,6 +336,7 @@ def prepare_model(model_cfg: ModelConfig, cfg: TrainConfig, accelerator, local_b
     device = accelerator.device
     model = CapsNet(model_cfg).to(device)
     requested = cfg.routing
+    memory.check_fused_shape(model_cfg, requested)
     if requested == "auto":
         local_batch = local_batch or cfg.batch_size // accelerator.num_processes
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -482,6 +483,8 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     )
     meta = {"run_id": state.run_id, "preset": cfg.preset, "seed": cfg.seed, "commit": git_commit(),
             "dataset": data.name}  # fmt: skip
+    if data.name.startswith("folder:"):  # visualize holds out the same test images
+        meta["test_fraction"] = cfg.test_fraction
     end_context = dict(acc=acc, cfg=cfg, eval_model=eval_model, val_x=val_x, val_y=val_y,
                        state=state, out=out, meta=meta, optimizer=optimizer,
                        steps_per_epoch=steps_per_epoch)  # fmt: skip

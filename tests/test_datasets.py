@@ -4,8 +4,9 @@ sizes), clear errors for bad data, colour augmentation, streaming from host memo
 preset's model, `--routing auto`'s size rule, and class names through training, export, predict,
 the app and the figures.
 
-Cost: about 1.5 minutes on 2 free cores, most of it the trainer runs (7 short runs on 20x20
-inputs, the smallest size where CapsNet's primary grid is 2x2).
+Cost: about 1.5 minutes on 2 free cores (3.1 minutes with tests/test_data.py at load average 7
+on the shared 2-core machine), most of it the trainer runs (7 short runs on 20x20 inputs, the
+smallest size where CapsNet's primary grid is 2x2).
 """
 
 from __future__ import annotations
@@ -253,6 +254,26 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
         parse_name("emnist-foo")
 
 
+def test_a_failed_download_is_one_line(tmp_path):
+    """torchvision's downloaders fail with one line per mirror tried (as KMNIST's did here,
+    offline); the DataError keeps it to one line."""
+    from capsfast.datasets import _download
+
+    def offline():
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried http://codh.rois.ac.jp/kmnist/"
+            ", got:\n<urlopen error [Errno -2] Name or service not known>\n"
+        )
+
+    with pytest.raises(DataError) as e:
+        _download("kmnist", tmp_path, offline)
+    message = str(e.value)
+    assert "\n" not in message and "RuntimeError: Error downloading" in message
+    assert message.endswith(
+        "put the files there yourself (torchvision's layout) and pass --data-dir"
+    )
+
+
 # --------------------------------------------------------------------------- augmentation
 def test_crops_flips_are_pure_functions_of_seed_epoch_index():
     idx = torch.arange(4000)
@@ -334,6 +355,26 @@ def test_cifar10_preset_shapes_and_parameter_count():
     assert not torch.allclose(plain(images).poses, out.poses)
 
 
+def test_image_size_is_refused_where_it_would_be_ignored():
+    """--image-size resizes folder: images; for a data set of fixed size it was silently ignored."""
+    with pytest.raises(ValueError, match="--image-size resizes folder: data sets only.*--crop"):
+        resolve({"dataset": "cifar10", "image_size": 48}).validate()
+    assert resolve({"dataset": "folder:pics", "image_size": 48}).validate().image_size == 48
+
+
+def test_smallest_input_is_17_pixels():
+    """Two 9x9 convolutions, the second with stride 2: 17x17 leaves a 1x1 primary grid, 16x16
+    nothing; the error says the real minimum (it said 25 before)."""
+    from capsfast.model import CapsNet, ModelConfig
+
+    with pytest.raises(ValueError, match="16x16 input is too small.*at least 17x17 pixels"):
+        ModelConfig(image_size=16)
+    cfg = ModelConfig(image_size=17, in_channels=3, num_classes=4)
+    assert cfg.primary_grid == 1 and cfg.num_primary == 32
+    out = CapsNet(cfg)(torch.rand(2, 3, 17, 17))
+    assert out.lengths.shape == (2, 4) and out.reconstructions.shape == (2, 3, 17, 17)
+
+
 def test_routing_auto_weighs_memory():
     from capsfast.memory import auto_routing, step_peak_bytes
     from capsfast.model import ModelConfig
@@ -346,6 +387,31 @@ def test_routing_auto_weighs_memory():
     assert auto_routing(small, 128, "cuda", 8 * gib) == "auto"  # fits: the usual choice
     assert auto_routing(big, 128, "cpu", None) == "auto"  # CPU: the reference, whatever size
     assert auto_routing(ModelConfig(image_size=96, num_classes=47), 128, "cuda", gib) == "auto"
+
+
+def test_fused_routing_with_too_many_classes_is_a_one_line_error(tmp_path, capsys):
+    """EMNIST balanced (47 classes) with --routing fused: the kernel takes J <= 32; a one-line
+    error before training (it was the kernel's ValueError, with a traceback, at the first step)."""
+    from capsfast.cli import run
+
+    root = write_idx_set(tmp_path / "e", "emnist-balanced", n_train=40, n_test=10, classes=47)
+    args = ["--dataset", "emnist-balanced", "--data-dir", str(root), "--routing", "fused",
+            "--max-steps", "1", "--batch-size", "4", "--report-to", "none",
+            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    assert run("train", args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("capsfast: error: --routing fused takes at most 32")
+    assert "routes to 47" in err[0]
+    # predict with such a model: the same line, before any image is read
+    from capsfast.export import save_model
+    from capsfast.model import CapsNet, ModelConfig
+
+    save_model(CapsNet(ModelConfig(image_size=SIZE, num_classes=47)), tmp_path / "m")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "x.png")
+    predict = ["--model", str(tmp_path / "m"), "--routing", "fused", "--device", "cpu"]
+    assert run("predict", [*predict, str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("predict: error: --routing fused takes at most 32")
 
 
 # --------------------------------------------------------------------------- training
@@ -371,6 +437,11 @@ def test_a_few_steps_reduce_the_loss(tmp_path, name, writer, extra):
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["meta"]["dataset"] == name and config["model"]["image_size"] == SIZE
     assert config["model"]["class_names"] == summary["class_names"]
+    # A validation split held out of train (16 of the 160 training images), the test set apart.
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert (resolved["val_size"], resolved["train_size"]) == (16, 144)
+    epochs = [r for r in records if r["kind"] == "epoch"]  # 9 steps an epoch: one end of epoch
+    assert epochs and all(0 <= r["val_accuracy"] <= 1 for r in epochs)
 
 
 def test_separable_colour_folder_end_to_end(tmp_path, capsys):
@@ -419,6 +490,40 @@ def test_separable_colour_folder_end_to_end(tmp_path, capsys):
     monkey.undo()
     ticks = [t.get_text() for t in drawn["fig"].axes[0].get_xticklabels()]
     assert ticks == ["blue", "green", "red"]
+
+    # visualize holds out the run's test images (--test-fraction 0.25: 30 of 120, not 24)
+    capsys.readouterr()
+    assert figures.main([str(model_dir), "--out", str(tmp_path / "vis"), "--device", "cpu"]) == 0
+    assert f"30 folder:{root} test images" in capsys.readouterr().out
+    assert (tmp_path / "vis" / "confusion_matrix.png").is_file()
+
+
+def test_predict_prepares_each_input_style_from_the_exported_config():
+    """fit (Fashion-MNIST): a dark object on a light page, inverted and scaled to fill the frame;
+    mnist at another size: the 20x20-box digit, resized to the model's side; photo: RGB, shorter
+    side to input_resize, centre crop (a 2:1 picture loses its sides, keeps its colour)."""
+    from capsfast.infer import prepare_input
+    from capsfast.model import ModelConfig
+
+    page = np.full((60, 90), 240, np.uint8)
+    page[20:40, 30:60] = 20  # a 30 x 20 dark object, off-centre on a light page
+    x = prepare_input(ModelConfig(input_style="fit"), Image.fromarray(page))
+    assert x.shape == (1, 28, 28) and x[0, 14, 14] > 0.8  # light on dark, centred
+    filled = torch.nonzero(x[0] > 0.5)
+    assert filled[:, 1].min() == 0 and filled[:, 1].max() == 27  # the long side fills the frame
+    assert x[0, 0, 14] < 0.1 and x[0, 27, 14] < 0.1  # the short side does not
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 255
+    small = prepare_input(ModelConfig(image_size=SIZE), Image.fromarray(digit))
+    assert small.shape == (1, SIZE, SIZE) and small.max() > 0.5 and small[0, :, 0].max() == 0
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :20] = (0, 0, 255)  # blue sides, cropped away; a red centre
+    wide[:, 20:60] = (255, 0, 0)
+    wide[:, 60:] = (0, 0, 255)
+    cfg = ModelConfig(in_channels=3, image_size=SIZE, input_style="photo", input_resize=24)
+    photo = prepare_input(cfg, Image.fromarray(wide))
+    assert photo.shape == (3, SIZE, SIZE)
+    assert photo[0].min() > 0.9 and photo[2].max() < 0.1  # all red: the blue sides are gone
 
 
 def test_old_export_without_class_names_loads_as_mnist_digits(tmp_path):
