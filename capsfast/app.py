@@ -4,19 +4,26 @@ Draw with the mouse (or upload a picture), see the prediction, the ten capsule l
 the 28x28 input the model saw, the reconstruction from the predicted capsule, and sixteen sliders
 that move that capsule's dimensions and redraw the reconstruction live.
 
+An uploaded picture reaches the app as the uploaded file itself (gradio's filepath, no image mode:
+nothing converted on the way) and is read by `capsfast.infer.read_digit`, as `predict` reads it:
+the same file gives the same input and the same label in both (16-bit, palette, CMYK included).
+
 gradio is imported inside `build_app` / `main` only; analytics are off and no share link is ever
 made, so the app runs offline (e.g. on a GPU box reached through `ssh -L PORT:localhost:PORT`).
 """
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import inspect
 import os
-from pathlib import Path
+import socket
 
 import torch
 
-from capsfast.infer import ImageError, choose_device, load_image, preprocess_array, to_uint8
+from capsfast.errors import UserError
+from capsfast.infer import ImageError, read_digit, to_uint8
 
 DELTA_RANGE = 0.25  # slider range, as in the capsule-dimension figure
 DISPLAY = 8  # 28x28 images are shown at 8x (224 px), nearest neighbour
@@ -42,8 +49,9 @@ class AppModel:
 
     @torch.no_grad()
     def analyse(self, picture) -> dict:
-        """picture: array / PIL image / sketchpad value -> prediction dict (raises ImageError)."""
-        x = preprocess_array(load_image(_picture(picture)))
+        """picture: an uploaded file's path, a sketchpad value, an array or PIL image ->
+        prediction dict (raises ImageError)."""
+        x = read_digit(_picture(picture))
         out = self.model(x.unsqueeze(0).to(self.device))
         lengths = out.lengths[0].float().cpu()
         label = int(lengths.argmax())
@@ -109,10 +117,11 @@ def build_app(model: torch.nn.Module):
                         ),
                     )
                 with gr.Tab("Upload"):
+                    # The file as uploaded: an image mode would convert it (16-bit clipped).
                     upload = gr.Image(
                         label="picture of a digit",
-                        type="numpy",
-                        image_mode="RGBA",
+                        type="filepath",
+                        image_mode=None,
                         sources=["upload"],
                         elem_id="upload",
                         height=320,
@@ -184,10 +193,30 @@ def build_app(model: torch.nn.Module):
     return demo
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, a port that is taken (or a host this machine cannot listen on)
+    before gradio starts, whose own message names neither --port nor --host."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"port {port} on {host} is already in use (another app or server): "
+                    "choose another with --port"
+                ) from None
+            raise UserError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --host "
+                "(127.0.0.1: this machine only, 0.0.0.0: all interfaces) or --port"
+            ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python launch/app.py MODEL [--port P] [--host H] [--device D]`: serve the app locally."""
     import argparse
-    import sys
+
+    from capsfast.infer import ROUTINGS, load_for_inference
 
     parser = argparse.ArgumentParser(prog="app", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="exported model directory (model.safetensors + config.json)")
@@ -196,28 +225,20 @@ def main(argv: list[str] | None = None) -> int:
         "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all; default local)"
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
-    parser.add_argument("--routing", default="auto")
+    parser.add_argument("--routing", default="auto", choices=ROUTINGS)
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: choose a port from 1 to 65535")
 
+    # Everything a user can get wrong is checked before gradio (seconds to import) loads.
+    model = load_for_inference(args.model, args.device, args.routing)
+    check_port(args.host, args.port)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print(
-            "app: error: gradio is not installed; install the app extra: "
-            "pip install 'capsfast[app]' (or pip install 'gradio>=4')",
-            file=sys.stderr,
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError(
+            "gradio is not installed; install the app extra: pip install 'capsfast[app]' "
+            "(or pip install 'gradio>=4')"
         )
-        return 2
-    from capsfast.export import load_model
-
-    try:
-        model = load_model(
-            Path(args.model), device=choose_device(args.device), routing=args.routing
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"app: error: cannot load model: {e}", file=sys.stderr)
-        return 2
     demo = build_app(model)
     launch = _kwargs(
         demo.launch,
@@ -232,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         mcp_server=False,
         pwa=False,
     )
-    _, local_url, _ = demo.launch(**launch)
+    try:
+        _, local_url, _ = demo.launch(**launch)
+    except OSError as e:  # taken between the check and the launch
+        raise UserError(
+            f"cannot serve on {args.host}:{args.port} ({e}): choose another --port"
+        ) from None
     print(f"capsfast app running at: {local_url}", flush=True)
     print(
         f"  on a remote machine: ssh -L {args.port}:localhost:{args.port} HOST, then open "

@@ -8,10 +8,13 @@ exported model loads under any implementation.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from capsfast.errors import UserError
 from capsfast.model import CapsNet, ModelConfig
 
 FORMAT = "capsfast-model"
@@ -40,46 +43,138 @@ def save_model(model: CapsNet, directory: str | Path, meta: dict | None = None) 
     return directory
 
 
-def read_config(directory: str | Path) -> dict:
-    directory = Path(directory)
-    path = directory / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: --model must be a directory written by capsfast training "
-            f"(its model/ folder, with {WEIGHTS} and {CONFIG})"
+class ModelError(UserError):
+    """An exported model that cannot be loaded; the message names the file and what to do."""
+
+
+def _check_directory(directory: Path) -> None:
+    if directory.is_dir():
+        return
+    if not directory.exists():
+        raise ModelError(
+            f"{directory}: no such model directory; give the folder written by training "
+            f"(runs/NAME/model, with {WEIGHTS} and {CONFIG})"
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-export the model") from None
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a capsfast model config (format={config.get('format')!r})")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {config['format_version']}, newer than this capsfast "
-            f"reads ({FORMAT_VERSION}): upgrade capsfast"
+    hint = f" (here: {directory.parent})" if directory.name in (WEIGHTS, CONFIG) else ""
+    raise ModelError(
+        f"{directory} is a file, not a model directory: give the folder that holds {WEIGHTS} "
+        f"and {CONFIG}{hint}"
+    )
+
+
+def _model_config(section, path: Path) -> ModelConfig:
+    """The "model" section of config.json as a ModelConfig: every field present, each of the
+    type its default has, the sizes positive (a hand-edited or damaged file fails here, in one
+    line, instead of deep inside torch)."""
+    redo = "re-export the model (or restore config.json)"
+    if not isinstance(section, dict):
+        raise ModelError(f'{path}: "model" must be an object of architecture fields; {redo}')
+    defaults = ModelConfig()
+    names = [f.name for f in fields(ModelConfig)]
+    unknown = sorted(set(section) - set(names))
+    if unknown:
+        raise ModelError(
+            f"{path}: unknown model keys {unknown} (written by a newer capsfast?): upgrade capsfast"
+        )
+    missing = [n for n in names if n not in section]
+    if missing:
+        raise ModelError(f"{path}: model keys {missing} are missing; {redo}")
+    for name in names:
+        value, default = section[name], getattr(defaults, name)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            ok = ok and math.isfinite(value)
+        else:  # decoder_hidden: a list of positive layer widths
+            ok = isinstance(value, list) and len(value) == len(default)
+            ok = ok and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+            )
+        if not ok:
+            want = (
+                "a list of 2 positive integers"
+                if isinstance(default, tuple)
+                else (
+                    f"a {'boolean' if isinstance(default, bool) else 'positive ' + type(default).__name__}"
+                )
+            )
+            raise ModelError(f"{path}: model key {name!r} is {value!r}, must be {want}; {redo}")
+    config = ModelConfig.from_dict(section)
+    if config.primary_grid < 1:
+        raise ModelError(
+            f"{path}: kernel_size {config.kernel_size} is too large for image_size "
+            f"{config.image_size} (no primary capsules left); {redo}"
         )
     return config
 
 
+def read_config(directory: str | Path) -> dict:
+    """config.json of an exported model, checked: raises ModelError saying what is wrong."""
+    directory = Path(directory)
+    _check_directory(directory)
+    path = directory / CONFIG
+    if not path.is_file():
+        raise ModelError(
+            f"{path} not found: the model must be a directory written by capsfast training "
+            f"(its model/ folder, with {WEIGHTS} and {CONFIG})"
+        )
+    try:
+        config = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ModelError(f"{path} is not valid JSON ({e}); re-export the model") from None
+    if not isinstance(config, dict):
+        raise ModelError(
+            f"{path} is not a capsfast model config (a JSON {type(config).__name__}, not an "
+            "object); re-export the model"
+        )
+    if config.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a capsfast model config (format={config.get('format')!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelError(f"{path}: format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise ModelError(
+            f"{path} has format_version {version}, newer than this capsfast reads "
+            f"({FORMAT_VERSION}): upgrade capsfast"
+        )
+    if "model" not in config:
+        raise ModelError(f'{path} has no "model" section; re-export the model')
+    return config
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu", routing: str = "auto"):
-    """Load an exported model for inference (eval mode) on `device`."""
-    from safetensors import SafetensorError
+    """Load an exported model for inference (eval mode) on `device`; raises ModelError for a
+    directory, config or weights file that is not a loadable capsfast model."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     config = read_config(directory)
-    model = CapsNet(ModelConfig.from_dict(config["model"]), routing=routing)
+    model = CapsNet(_model_config(config["model"], directory / CONFIG), routing=routing)
     weights = directory / WEIGHTS
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found next to {CONFIG}: the export is incomplete")
+        raise ModelError(f"{weights} not found next to {CONFIG}: the export is incomplete")
     try:
         state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights} is unreadable or corrupt ({e}); re-export the model") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:  # safetensors reports damage in several types: all mean the same
+        raise ModelError(
+            f"{weights} is unreadable or corrupt ({_one_line(e)}); re-export the model"
+        ) from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit the architecture in config.json
+        raise ModelError(f"{weights} does not match {CONFIG}: {_one_line(e)}") from None
     if missing or unexpected:
-        raise ValueError(
+        raise ModelError(
             f"{weights} does not match {CONFIG}: missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelError(f"{weights} holds NaN or infinite weights in {bad[:4]}; re-export it")
     return model.to(device).eval()

@@ -12,20 +12,21 @@ from pathlib import Path
 
 import torch
 
-from capsfast.infer import Prediction, predict, unwrap
+from capsfast.infer import Prediction, predict
 
 DELTAS = tuple(round(-0.25 + 0.05 * i, 2) for i in range(11))  # -0.25 .. 0.25 step 0.05
 DPI = 100
+GAP = 2  # pixels between the digits of a grid
 
 __all__ = [
     "DELTAS",
     "as_float_images",
     "confusion_matrix",
+    "grid",
     "most_confident_wrong",
     "perturb_capsule",
     "plot_curves",
     "save_figures",
-    "tile",
 ]
 
 
@@ -49,19 +50,12 @@ def as_float_images(images: torch.Tensor) -> torch.Tensor:
 # --- data --------------------------------------------------------------------------------------
 
 
-def tile(images: torch.Tensor, ncols: int, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:
-    """[N, (1,) H, W] -> one [rows*(H+pad)+pad, ncols*(W+pad)+pad] image, row-major."""
-    x = images.detach().float().cpu()
-    if x.dim() == 4:
-        x = x[:, 0]
-    n, h, w = x.shape
-    rows = max(1, math.ceil(n / ncols))
-    out = torch.full((rows * (h + pad) + pad, ncols * (w + pad) + pad), pad_value)
-    for i in range(n):
-        r, c = divmod(i, ncols)
-        y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
-        out[y0 : y0 + h, x0 : x0 + w] = x[i]
-    return out
+def grid(images: torch.Tensor, ncols: int) -> torch.Tensor:
+    """[N, 1, H, W] -> one grey [rows*(H+2)+2, ncols*(W+2)+2] image, row-major, white gaps
+    (torchvision's make_grid; the tick positions of the perturbation figure assume this layout)."""
+    from torchvision.utils import make_grid
+
+    return make_grid(images.detach().float().cpu(), nrow=ncols, padding=GAP, pad_value=1.0)[0]
 
 
 @torch.no_grad()
@@ -73,7 +67,7 @@ def perturb_capsule(
     image [1, 28, 28] (or [28, 28]) -> (reconstructions [D, len(deltas), 28, 28], predicted
     class). Row d moves dimension d alone; the other dimensions keep their values.
     """
-    net = unwrap(model)
+    net = model
     was_training = net.training
     net.eval()
     try:
@@ -168,10 +162,10 @@ def _plot_reconstructions(images, recons, labels, pred_labels, path, ncols=10) -
         pairs.append(
             torch.cat([recons[chunk], torch.zeros(ncols - recons[chunk].shape[0], 1, 28, 28)])
         )
-    grid = tile(torch.cat(pairs), ncols)
+    image = grid(torch.cat(pairs), ncols)
     fig = plt.figure(figsize=(ncols * 0.9 + 1, rows * 1.8 + 0.8))
     ax = fig.add_axes([0.02, 0.02, 0.96, 0.96 - 0.6 / (rows * 1.8 + 0.8)])
-    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     ok = int((pred_labels == labels).sum())
     ax.set_title(f"test digits (odd rows) and reconstructions (even rows): {ok}/{n} correct")
@@ -181,13 +175,17 @@ def _plot_reconstructions(images, recons, labels, pred_labels, path, ncols=10) -
 def _plot_perturbation(recon: torch.Tensor, label: int, path, deltas=DELTAS) -> Path:
     plt = _pyplot()
     D, S = recon.shape[:2]
-    grid = tile(recon.reshape(D * S, *recon.shape[-2:]), S)
+    image = grid(recon.reshape(D * S, 1, *recon.shape[-2:]), S)
     fig = plt.figure(figsize=(S * 0.55 + 1.2, D * 0.55 + 1.0))
     ax = fig.add_axes([0.1, 0.02, 0.88, 0.9])
-    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    step = recon.shape[-1] + 2
-    ax.set_xticks([2 + step * i + 14 for i in range(S)], [f"{d:+.2f}" for d in deltas], fontsize=7)
-    ax.set_yticks([2 + step * i + 14 for i in range(D)], [f"dim {i}" for i in range(D)], fontsize=7)
+    ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    step = recon.shape[-1] + GAP
+    ax.set_xticks(
+        [GAP + step * i + 14 for i in range(S)], [f"{d:+.2f}" for d in deltas], fontsize=7
+    )
+    ax.set_yticks(
+        [GAP + step * i + 14 for i in range(D)], [f"dim {i}" for i in range(D)], fontsize=7
+    )
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     for s in ax.spines.values():
@@ -251,22 +249,22 @@ def save_figures(
     max_images: int = 10_000,
     num_reconstructions: int = 40,
     num_wrong: int = 24,
+    progress: bool = False,
 ) -> dict[str, Path]:
     """Draw the four figures of a trained model on (test) `images` and `labels` into `out_dir`.
 
     images: uint8 [N, 28, 28] or float [N, 1, 28, 28] in [0, 1]; at most `max_images` are used.
     device: where to run the model (default: where it is). The model's train/eval mode is kept.
+    progress: a tqdm bar on stderr while the images are evaluated.
     Returns {"reconstructions", "capsule_dimensions", "confusion_matrix", "confident_wrong"}
     -> PNG path.
     """
-    net = unwrap(model)
-    if device is not None:
-        net = net.to(device)
+    net = model if device is None else model.to(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x = as_float_images(images[:max_images])
     y = labels[:max_images].detach().cpu().long()
-    pred = predict(net, x)
+    pred = predict(net, x, progress=progress)
 
     n = min(num_reconstructions, x.shape[0])
     paths = {
@@ -295,11 +293,11 @@ def save_figures(
 def main(argv: list[str] | None = None) -> int:
     """Draw the figures of an exported model on the shipped MNIST test set."""
     import argparse
-    import sys
+    import time
 
-    from capsfast.data import DataError, load_mnist
-    from capsfast.export import load_model
-    from capsfast.infer import choose_device
+    from capsfast.data import load_mnist
+    from capsfast.errors import UserError
+    from capsfast.infer import ROUTINGS, load_for_inference
 
     parser = argparse.ArgumentParser(
         prog="visualize",
@@ -307,26 +305,35 @@ def main(argv: list[str] | None = None) -> int:
         "most confidently wrong test digits of an exported model, as PNG.",
     )
     parser.add_argument("model", help="exported model directory (model.safetensors + config.json)")
-    parser.add_argument("--out", default=None, help="output folder (default: MODEL/figures)")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: MODEL/figures, inside the model's)"
+    )
     parser.add_argument(
         "--test-size", type=int, default=10_000, help="test images used (default: all 10,000)"
     )
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: shipped)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
-    parser.add_argument("--routing", default="auto")
+    parser.add_argument("--routing", default="auto", choices=ROUTINGS)
     args = parser.parse_args(argv)
     if args.test_size < 1:
         parser.error("--test-size must be at least 1")
-    try:
-        model = load_model(args.model, device=choose_device(args.device), routing=args.routing)
-        mnist = load_mnist(args.data_dir)
-    except (OSError, ValueError, RuntimeError, DataError) as e:
-        print(f"visualize: error: {e}", file=sys.stderr)
-        return 2
     out = Path(args.out) if args.out else Path(args.model) / "figures"
-    paths = save_figures(
-        model, mnist.test_images[: args.test_size], mnist.test_labels[: args.test_size], out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory (created if missing)")
+    model = load_for_inference(args.model, args.device, args.routing)
+    mnist = load_mnist(args.data_dir)
+    images = mnist.test_images[: args.test_size]
+    labels = mnist.test_labels[: args.test_size]
+    device = next(model.parameters()).device
+    source = args.data_dir or "the copy shipped with capsfast"
+    print(
+        f"visualize: model {args.model}: {images.shape[0]:,} MNIST test images ({source}) on "
+        f"{device}, routing {model.routing}",
+        flush=True,
     )
+    start = time.perf_counter()
+    paths = save_figures(model, images, labels, out, progress=True)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    print(f"visualize: {len(paths)} figures in {out}, {time.perf_counter() - start:.1f} s")
     return 0

@@ -3,13 +3,17 @@
 MNIST digits are light-on-dark, size-normalised to fit a 20x20 box (aspect ratio kept) and placed
 in a 28x28 field with their centre of mass at the centre. `preprocess` does the same to any
 picture of one digit: any size, RGB or grey, with or without alpha, dark-on-light or light-on-dark
-(detected from the border), digit anywhere in the frame.
+(detected from the border), digit anywhere in the frame. `read_digit` is the one way a file
+becomes model input, for `predict` and the app alike.
 
 Nothing here needs training code: an exported model (model.safetensors + config.json) is enough.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from capsfast.errors import UserError
-from capsfast.export import load_model
+from capsfast.errors import UserError, describe_os_error
+from capsfast.export import ModelError, load_model
+from capsfast.routing import resolve_impl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ROUTINGS = ("auto", "torch", "triton", "fused")  # the --routing choices
 BOX = 20  # MNIST: the digit's bounding box is scaled to fit 20x20
 FIELD = 28
 INK_THRESHOLD = 0.05  # fraction of the ink range that counts as ink for the bounding box
@@ -33,38 +39,79 @@ class ImageError(UserError, ValueError):
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "ROUTINGS",
     "ImageError",
     "Prediction",
     "FileResult",
     "choose_device",
+    "choose_routing",
     "expand_paths",
+    "load_for_inference",
     "load_model",
     "load_image",
     "preprocess",
     "preprocess_array",
     "predict",
     "predict_files",
+    "read_digit",
     "to_uint8",
-    "unwrap",
 ]
 
 
 def choose_device(device: str | None = None) -> torch.device:
-    """`None`/"auto": the GPU where there is one, else the CPU."""
+    """`None`/"auto": the GPU where there is one, else the CPU. Raises UserError for a device
+    that does not exist here (a typo, cuda without a GPU, cuda:3 on a one-GPU machine)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+        torch.empty(0, device=chosen)  # the one check that covers every device type
+    except (RuntimeError, AssertionError, ValueError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"--device {device} cannot be used here ({reason}): use --device cpu, or auto"
+        ) from None
+    return chosen
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The CapsNet inside DDP / Accelerate / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
+def choose_routing(requested: str, device: torch.device) -> str:
+    """The routing implementation to run on `device`: triton and fused kernels only where
+    `triton_available` says they run; `auto` falls back to the reference with a note, an
+    explicit choice that cannot run is refused (UserError) before any image is read."""
+    if requested not in ROUTINGS:
+        raise UserError(f"--routing {requested!r}: choose one of {', '.join(ROUTINGS)}")
+    impl = resolve_impl(requested, device)
+    if impl == "torch":
+        return impl
+    try:
+        from capsfast.kernels.routing import triton_available
+
+        ok, reason = triton_available(device)
+    except ImportError as e:  # triton missing or broken at import
+        ok, reason = False, f"triton cannot be imported ({e})"
+    if ok:
+        return impl
+    if requested == "auto":
+        print(f"capsfast: triton routing unavailable ({reason}); using torch", file=sys.stderr)
+        return "torch"
+    raise UserError(
+        f"--routing {requested} cannot run on {device}: {reason}; use --routing torch or auto"
+    )
+
+
+def load_for_inference(model_dir: str | Path, device: str = "auto", routing: str = "auto"):
+    """The exported model in `model_dir` on `device` (eval mode), checked before any image is
+    read: the device exists, the routing runs there, the model takes 28x28 grey digits."""
+    chosen = choose_device(device)
+    impl = choose_routing(routing, chosen)
+    model = load_model(model_dir, device=chosen, routing=impl)
+    cfg = model.config
+    if cfg.in_channels != 1 or cfg.image_size != FIELD:
+        raise ModelError(
+            f"{model_dir}: the model takes {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} "
+            f"images; prediction reads 1x{FIELD}x{FIELD} grey digits (an MNIST model)"
+        )
+    return model
 
 
 # --- reading images --------------------------------------------------------------------------
@@ -81,34 +128,60 @@ def load_image(source) -> torch.Tensor:
 
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if path.is_dir():
-            raise ImageError("is a directory")
+        _check_image_path(path)
         try:
             with Image.open(path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
-        except FileNotFoundError:
-            raise ImageError("no such file") from None
         except UnidentifiedImageError:
             raise ImageError("not an image file (PIL cannot identify it)") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"too large to decode safely ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"unreadable or corrupt image ({e})") from None
     elif isinstance(source, Image.Image):
         img = source
     else:  # numpy array or tensor [H, W] / [H, W, C], uint8 or float in [0, 1]
         t = torch.as_tensor(source)
         if t.dtype.is_floating_point:
+            _check_finite(t)
             t = (t.clamp(0, 1) * 255).round()
         arr = t.to(torch.uint8).cpu().numpy()
         img = Image.fromarray(arr)
     return _to_grey(img)
 
 
+def _check_image_path(path: Path) -> None:
+    """Say what a path is when it is no image file: missing, a broken or looping link, a folder,
+    a pipe or device (which would block a reader forever)."""
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ImageError("symbolic link loop (the link leads back to itself)") from None
+        raise ImageError(f"dangling symbolic link: its target {os.readlink(path)} does not exist")
+    if not path.exists():
+        raise ImageError("no such file")
+    if path.is_dir():
+        raise ImageError("is a directory")
+    if not path.is_file():
+        raise ImageError("not a regular file (a pipe, socket or device): give an image file")
+
+
+def _check_finite(t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ImageError("the image has NaN or infinite pixels: save it without them")
+
+
 def _to_grey(img) -> torch.Tensor:
+    import numpy as np
+
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = torch.tensor(list(img.getdata()), dtype=torch.float64).view(img.height, img.width)
+    if img.mode.startswith("I") or img.mode == "F":  # 16- and 32-bit integer, 32-bit float
+        a = torch.from_numpy(np.asarray(img, dtype=np.float64).copy())
+        _check_finite(a)
         lo, hi = a.min(), a.max()
         return ((a - lo) / (hi - lo).clamp_min(1e-12)).float()
     alpha = None
@@ -193,6 +266,26 @@ def preprocess(source) -> torch.Tensor:
     return preprocess_array(load_image(source))
 
 
+def read_digit(source) -> torch.Tensor:
+    """`preprocess` inside one file's error boundary: whatever reading, converting or checking
+    this one image raises becomes an ImageError that says why, so a file that fails costs that
+    file only. `predict` and the app both read every picture through here."""
+    try:
+        return preprocess(source)
+    except ImageError:
+        raise
+    except OSError as e:  # permission denied, I/O error: the file system's words, not PIL's
+        if e.errno is not None:
+            raise ImageError(describe_os_error(OSError(e.errno, e.strerror))) from e
+        raise ImageError(f"cannot read this image ({_one_line(e)})") from e
+    except Exception as e:  # PIL, numpy, torch on a file they cannot handle (e.g. LAB colour)
+        raise ImageError(f"cannot read this image ({type(e).__name__}: {_one_line(e)})") from e
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float [..., H, W] in [0, 1] -> uint8, for saving or display."""
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
@@ -210,14 +303,23 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> Prediction:
-    """Run `model` (eval mode, no grad) over float images [B, 1, 28, 28]; results on the CPU."""
-    net = unwrap(model)
+def predict(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, progress: bool = False
+) -> Prediction:
+    """Run `model` (eval mode, no grad) over float images [B, 1, 28, 28]; results on the CPU.
+
+    progress: show a tqdm bar on stderr (for long evaluations)."""
+    from tqdm.auto import tqdm
+
+    net = model
     was_training = net.training
     net.eval()
     param = next(net.parameters())
     device, dtype = param.device, param.dtype  # fp32 normally; bf16/fp16 weights work too
     parts = []
+    bar = tqdm(
+        total=images.shape[0], unit="img", desc="evaluating", disable=not progress, file=sys.stderr
+    )
     try:
         for i in range(0, images.shape[0], batch_size):
             x = images[i : i + batch_size].to(device, dtype)
@@ -229,7 +331,9 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256)
                     out.reconstructions.float().cpu(),
                 )
             )
+            bar.update(x.shape[0])
     finally:
+        bar.close()
         net.train(was_training)
     if not parts:
         cfg = net.config
@@ -244,12 +348,15 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256)
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given (whatever their suffix); folders -> their image files, recursively, sorted."""
+    """Files as given (whatever their suffix); folders -> their image files, recursively, sorted.
+
+    Every entry with an image suffix that is not a folder is kept, broken and looping symbolic
+    links included, so that reading it reports it instead of it vanishing without a word."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = (f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            out.extend(sorted(f for f in found if f.is_file()))
+            out.extend(sorted(f for f in found if not f.is_dir()))
         else:
             out.append(p)
     return out
@@ -274,7 +381,8 @@ def predict_files(
 ) -> Iterator[FileResult]:
     """Predict every image in `paths` (folders expanded), in order, `batch_size` at a time.
 
-    A file that cannot be read gives a FileResult with `error` set; the others are unaffected.
+    A file that cannot be read, whatever the reason, gives a FileResult with `error` set; the
+    others are unaffected.
     """
     files = expand_paths(paths)
     for start in range(0, len(files), batch_size):
@@ -283,9 +391,9 @@ def predict_files(
         good, tensors = [], []
         for r in results:
             try:
-                tensors.append(preprocess(r.path))
+                tensors.append(read_digit(r.path))
                 good.append(r)
-            except ImageError as e:
+            except ImageError as e:  # read_digit turns every failure of this file into one
                 r.error = str(e)
         if tensors:
             batch = torch.stack(tensors)
@@ -311,17 +419,40 @@ def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
     img.save(path)
 
 
+RECONSTRUCTIONS = "reconstructions"  # default --save-reconstructions folder, inside the model's
+OUTPUT_SUFFIXES = (".recon.png", ".input.png")  # what --save-reconstructions writes
+
+
+def reconstruction_dir(value: str, model_dir: str | Path) -> Path:
+    """Where --save-reconstructions writes: DIR as given, else MODEL/reconstructions (never the
+    current directory). Refuses a file, and a folder that holds other images (most often an input
+    folder that the option took as its DIR)."""
+    out = Path(value) if value else Path(model_dir) / RECONSTRUCTIONS
+    if out.exists() and not out.is_dir():
+        raise UserError(
+            f"--save-reconstructions {out} is a file: give a directory (created if missing)"
+        )
+    if out.is_dir():
+        others = [f for f in expand_paths([out]) if not f.name.endswith(OUTPUT_SUFFIXES)]
+        if others:
+            raise UserError(
+                f"--save-reconstructions {out} holds images of its own ({others[0].name}, ...): "
+                "give a new or empty directory, as --save-reconstructions=DIR"
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Predict the digit in each image file (or folder of images); exit 1 if any file failed."""
     import argparse
     import json
-    import sys
 
     parser = argparse.ArgumentParser(
         prog="predict",
         description="Classify pictures of handwritten digits with an exported capsfast model. "
         "Any size, RGB or grey, dark-on-light or light-on-dark; digits are centred and scaled "
-        "as MNIST's were. Folders are searched recursively for image files.",
+        "as MNIST's were. Folders are searched recursively for image files. Exit status: 0 all "
+        "files predicted, 1 some files failed (each named on stderr), 2 nothing could be done.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument(
@@ -330,34 +461,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per line and file")
     parser.add_argument(
         "--save-reconstructions",
+        nargs="?",
+        const="",
         metavar="DIR",
-        help="write each reconstruction (and the 28x28 input the model saw) as PNG into DIR",
+        help="write each reconstruction (and the 28x28 input the model saw) as PNG into DIR "
+        f"(default: MODEL/{RECONSTRUCTIONS}); write it as --save-reconstructions=DIR",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument(
-        "--routing", default="auto", help="routing implementation: auto, torch, triton, fused"
+        "--routing", default="auto", choices=ROUTINGS, help="routing implementation"
     )
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
 
-    try:
-        device = choose_device(args.device)
-        model = load_model(args.model, device=device, routing=args.routing)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"predict: error: cannot load model: {e}", file=sys.stderr)
-        return 2
-
-    recon_dir = Path(args.save_reconstructions) if args.save_reconstructions else None
+    recon_dir = None
+    if args.save_reconstructions is not None:
+        recon_dir = reconstruction_dir(args.save_reconstructions, args.model)
+    model = load_for_inference(args.model, args.device, args.routing)
+    files = expand_paths(args.paths)
+    if not files:
+        raise UserError(
+            "no image files found in the given folders: give image files, or folders that hold "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} files"
+        )
     if recon_dir is not None:
         recon_dir.mkdir(parents=True, exist_ok=True)
     used_names: set[str] = set()
     failed = 0
-    if not expand_paths(args.paths):
-        print("predict: error: no image files found in the given folders", file=sys.stderr)
-        return 1
-    for r in predict_files(model, args.paths, batch_size=args.batch_size):
+    for r in predict_files(model, files, batch_size=args.batch_size):
         record: dict = {"path": str(r.path)}
         if r.ok:
             record["label"] = r.label
@@ -384,5 +517,5 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"predict: error: {r.path}: {r.error}", file=sys.stderr, flush=True)
     if failed and not args.json:
-        print(f"predict: {failed} of the files failed", file=sys.stderr)
+        print(f"predict: {failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0

@@ -643,7 +643,7 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
         from capsfast.figures import plot_curves, save_figures
 
         plot_curves(state.records, out / "curves.png")
-        figures = save_figures(exported, test_x, test_y, out / "figures")
+        figures = save_figures(exported, test_x, test_y, out / "figures", progress=True)
         if use_wandb:
             images = {f"figures/{k}": str(v) for k, v in figures.items()}
             images["figures/curves"] = str(out / "curves.png")

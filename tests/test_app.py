@@ -3,9 +3,13 @@
 The browser test starts `launch/app.py MODEL --port P` as a subprocess, waits for the URL it
 prints, and drives the page with Playwright (the `app-test` extra) in Debian's chromium
 (/usr/bin/chromium, or CAPSFAST_CHROMIUM): upload an MNIST digit and read the prediction back,
-draw a "1" with the mouse, move a capsule-dimension slider and see the reconstruction redrawn.
-Screenshots go to the test's tmp dir and to /tmp/app_screenshot.png.
+draw a "1" with the mouse, move a capsule-dimension slider and see the reconstruction redrawn,
+upload a 16-bit PNG and see the label `predict` gives it. Screenshots go to the test's tmp dir.
 It skips, saying why, where gradio, playwright or chromium is not installed.
+
+An upload must reach the app's analysis as `predict` reads the file: the same input, the same
+label, for 16-bit, palette, RGBA and CMYK files (test_upload_reads_the_file_as_predict_does runs
+gradio's own upload preprocessing and the function the upload event calls, without a browser).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from capsfast.app import AppModel
+from capsfast.app import AppModel, _upscale, build_app
 from capsfast.data import load_mnist
-from capsfast.infer import ImageError, load_model
+from capsfast.infer import ImageError, load_model, predict_files
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CAPSFAST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -70,6 +75,70 @@ def test_app_logic(trained_model_dir, digits):
         logic.analyse({"composite": None})
     with pytest.raises(ImageError, match="blank"):
         logic.analyse(torch.full((100, 100), 255, dtype=torch.uint8).numpy())
+
+
+def _sixteen_bit(a):
+    # Dark on light, full 16-bit range: an 8-bit conversion clips most of it to white.
+    return Image.fromarray((65535 - a.astype(np.uint16) * 257).astype(np.uint16))
+
+
+def _palette(a):
+    return Image.fromarray(255 - a).convert("P", palette=Image.ADAPTIVE, colors=16)
+
+
+def _rgba(a):
+    rgba = np.zeros((*a.shape, 4), np.uint8)
+    rgba[..., 3] = a  # black strokes on a transparent canvas
+    return Image.fromarray(rgba, "RGBA")
+
+
+def _cmyk(a):
+    return Image.fromarray(255 - a).convert("CMYK")
+
+
+UPLOADS = {"16bit.png": _sixteen_bit, "palette.png": _palette, "rgba.png": _rgba}
+UPLOADS["cmyk.tif"] = _cmyk
+
+
+def _upload_files(folder: Path, images) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, a in enumerate(images.numpy()):
+        big = Image.fromarray(a).resize((112, 112), Image.BILINEAR)
+        for name, make in UPLOADS.items():
+            path = folder / f"{i}_{name}"
+            make(np.asarray(big)).save(path)
+            paths.append(path)
+    return paths
+
+
+def test_upload_reads_the_file_as_predict_does(trained_model_dir, digits, tmp_path):
+    """What gradio hands the upload handler, through the handler wired to the upload event,
+    gives the input and label that `predict` gives for the same file."""
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'capsfast[app]')")
+    from gradio import data_classes
+
+    images, _ = digits
+    paths = _upload_files(tmp_path / "uploads", images[:3])
+    with Image.open(paths[0]) as img:
+        assert img.mode.startswith("I") and np.asarray(img).max() > 255  # really 16-bit
+    model = load_model(trained_model_dir, device="cpu")
+    demo = build_app(model)
+    upload = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "upload")
+    fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
+    handler = next(f for f in fns if any(t[0] == upload._id for t in f.targets)).fn
+    payload = getattr(data_classes, "ImageData", data_classes.FileData)
+    cli = {r.path: r for r in predict_files(model, paths)}
+    for path in paths:
+        value = upload.preprocess(payload(path=str(path), orig_name=path.name))
+        text, _, seen, _, state, *_ = handler(value)
+        r = cli[path]
+        assert r.ok, r.error
+        assert state is not None, (path.name, text)  # the app read no digit where predict did
+        assert state["label"] == r.label and f"Prediction: {r.label}" in text, path.name
+        assert np.array_equal(seen, _upscale(r.input)), path.name  # the same 28x28 input
+        # And the analysis itself: the exact tensor the CLI fed the model.
+        assert torch.equal(AppModel(model).analyse(value)["input"], r.input), path.name
 
 
 def _free_port() -> int:
@@ -147,12 +216,15 @@ def _prediction(page) -> int:
     return int(PREDICTED.search(page.locator("#prediction").inner_text()).group(1))
 
 
-def test_app_in_browser(app_url, digits, tmp_path):
+def test_app_in_browser(app_url, trained_model_dir, digits, tmp_path):
     from playwright.sync_api import sync_playwright
 
     images, labels = digits
     digit = tmp_path / "digit.png"
     Image.fromarray(255 - images[0].numpy()).resize((140, 140), Image.BILINEAR).save(digit)
+    # A 16-bit digit that the app read wrongly when gradio converted uploads to 8-bit RGBA.
+    deep = _upload_files(tmp_path / "deep", images[1:2])[0]
+    expected_deep = next(predict_files(load_model(trained_model_dir, device="cpu"), [deep])).label
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -200,8 +272,22 @@ def test_app_in_browser(app_url, digits, tmp_path):
             assert all(str(k) in bars for k in range(10))
             shot = tmp_path / "app_uploaded.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # A 16-bit PNG, uploaded through the page: the label `predict` gives the same file.
+            # Remove the picture first (the prediction goes back to none), so that the wait
+            # below sees this upload's prediction even if it is the same digit.
+            page.locator("#upload button[aria-label='Remove Image']").first.click()
+            page.wait_for_function(
+                "/Prediction:\\W*none/.test(document.querySelector('#prediction').innerText)"
+            )
+            page.locator("#upload input[type=file]").set_input_files(str(deep))
+            page.wait_for_function(
+                "/Prediction: "
+                + str(expected_deep)
+                + "/.test(document.querySelector('#prediction').innerText)"
+            )
+            assert _prediction(page) == expected_deep
         finally:
             browser.close()
-    shutil.copy(shot, "/tmp/app_screenshot.png")
     with Image.open(shot) as img:
         assert img.width >= 1000 and img.height >= 800

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +16,13 @@ from PIL import Image
 from capsfast.data import load_mnist, to_float
 from capsfast.figures import (
     DELTAS,
+    GAP,
     confusion_matrix,
+    grid,
     most_confident_wrong,
     perturb_capsule,
     plot_curves,
     save_figures,
-    tile,
 )
 from capsfast.infer import Prediction, load_model, predict
 
@@ -43,14 +46,17 @@ def _png(path: Path) -> np.ndarray:
         return np.asarray(img.convert("L"))
 
 
-def test_tile_layout():
+def test_grid_layout():
+    """The figures' grids (torchvision's make_grid): image k at row k // ncols, column
+    k % ncols, GAP white pixels around each; the perturbation figure's ticks rely on it."""
     images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 3, 4) / 10
-    grid = tile(images, ncols=2, pad=1, pad_value=-1.0)
-    assert grid.shape == (3 * (3 + 1) + 1, 2 * (4 + 1) + 1)
-    assert (
-        grid[1, 1] == 0.0 and grid[1, 6] == pytest.approx(0.1) and grid[5, 1] == pytest.approx(0.2)
-    )
-    assert grid[9, 6] == -1.0  # the empty sixth cell keeps the pad value
+    image = grid(images, ncols=2)
+    assert GAP == 2
+    assert image.shape == (3 * (3 + GAP) + GAP, 2 * (4 + GAP) + GAP)
+    cell = lambda r, c: image[GAP + r * (3 + GAP), GAP + c * (4 + GAP)]  # top-left pixel
+    assert cell(0, 0) == 0.0 and cell(0, 1) == pytest.approx(0.1)
+    assert cell(1, 0) == pytest.approx(0.2) and cell(2, 0) == pytest.approx(0.4)
+    assert cell(2, 1) == 1.0 and image[0, 0] == 1.0  # the empty sixth cell and the gaps: white
 
 
 def test_perturbation_tensor(model, test_set):
@@ -160,3 +166,30 @@ def test_visualize_cli(trained_model_dir, tmp_path):
         "reconstructions.png",
     ]
     assert "confusion_matrix: " in proc.stdout
+
+
+def test_visualize_default_output_says_what_it_does(trained_model_dir, tmp_path):
+    """Without --out the figures go to MODEL/figures (not the current directory); the command
+    says which model, how many test images of which data set, on which device, how long, and
+    shows a progress bar."""
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy(trained_model_dir / f, model / f)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "visualize.py"), str(model)]
+        + ["--test-size", "100", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((model / "figures").glob("*.png"))) == 4
+    assert list(work.iterdir()) == []
+    first = proc.stdout.splitlines()[0]
+    assert str(model) in first and "100 MNIST test images" in first and "on cpu" in first
+    assert re.search(r"4 figures in \S+ \d+\.\d s", proc.stdout)
+    assert "evaluating" in proc.stderr and "100/100" in proc.stderr  # tqdm

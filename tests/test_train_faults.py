@@ -260,7 +260,8 @@ def test_the_nonfinite_stop_advice_is_a_command_that_works(tmp_path):
 # --------------------------------------------------------------------------- a full disk
 class FullDisk:
     """Writes whose path contains `where` fail with ENOSPC from the `after`-th such write on:
-    Python's open (torch.save, json, text files, matplotlib) and safetensors' own writer."""
+    Python's open (json, text files, matplotlib), torch.save's zip writer and safetensors' own
+    writer (both write from C++/Rust, past Python's open)."""
 
     def __init__(self, monkeypatch, where: str, after: int = 1):
         self.where, self.after, self.seen = where, after, 0
@@ -283,6 +284,14 @@ class FullDisk:
             check(filename, "wb")
             return real_serialize(tensors, filename, *args, **kwargs)
 
+        real_zip_writer = torch.serialization._open_zipfile_writer
+
+        def fake_zip_writer(name_or_buffer, *args, **kwargs):
+            if isinstance(name_or_buffer, (str, os.PathLike)):
+                check(name_or_buffer, "wb")
+            return real_zip_writer(name_or_buffer, *args, **kwargs)
+
+        monkeypatch.setattr(torch.serialization, "_open_zipfile_writer", fake_zip_writer)
         monkeypatch.setattr(builtins, "open", fake_open)
         monkeypatch.setattr(io, "open", fake_open)
         monkeypatch.setattr(st, "serialize_file", fake_serialize)
