@@ -63,7 +63,7 @@ def test_evaluation_sees_the_images_unshifted():
 
 
 def test_the_export_is_the_best_validation_model_and_the_test_set_chooses_nothing(tmp_path):
-    data = synthetic_mnist()
+    data = synthetic_mnist(n_train=96)  # 64 training images after validation: 4 steps an epoch
     runs = {}
     for test_size in (16, 64):  # two runs that differ only in the test set they report on
         out = tmp_path / f"test{test_size}"
