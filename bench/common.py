@@ -3,10 +3,15 @@
 Two modes, one code path:
   timed     (`--benchmark-only`)      real sizes; warm-up (compilation, autotuning) runs before
                                       the timed rounds; every timed call ends in a device sync.
-  disabled  (`--benchmark-disable`)   each benchmark runs once at a tiny size as a test (CI), so
-                                      no benchmark can rot; its assertions still apply.
+  disabled  (`--benchmark-disable`)   each benchmark runs at a tiny size as a test (CI), so no
+                                      benchmark can rot; its assertions still apply (a check
+                                      over repeated calls gets them: `timed(min_calls=...)`).
 On CPU the timed mode runs only what means something there (fp32, no Triton interpreter) and
 skips the rest with the reason.
+
+CAPSFAST_BENCH_TINY=1 times the tiny sizes of the disabled mode, everything included, in a
+round or two: how `bench/gpu_check.py --dry-run` runs the GPU plan on CPU, through the same
+code. Its figures time tiny problems and mean nothing.
 """
 
 from __future__ import annotations
@@ -14,23 +19,29 @@ from __future__ import annotations
 import os
 import platform
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import torch
 
+# The trainer's own pieces are imported here only, so the benchmarks follow them when they move.
+from capsfast.model import compute_loss  # noqa: F401
 from capsfast.provenance import git_commit, package_version
+from capsfast.train import build_optimizer, evaluate  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# SPEC.md, arithmetic of one sample: forward about 0.4 GFLOP, forward + backward about 1.2 GFLOP.
+# Arithmetic of one sample (docs/spec.md): forward about 0.4 GFLOP, forward + backward 1.2 GFLOP.
 FLOP_FWD = 0.4e9
 FLOP_TRAIN = 1.2e9
 # torch.compile mode of every compiled path: default unless set (e.g. reduce-overhead, the fast
 # preset's CUDA-graph mode); recorded with each result.
 COMPILE_MODE = os.environ.get("CAPSFAST_BENCH_COMPILE_MODE") or None
+TINY_TIMED = os.environ.get("CAPSFAST_BENCH_TINY", "0") not in ("", "0")
+TINY_ROUNDS = {"rounds": 2, "warmup_rounds": 1}  # CAPSFAST_BENCH_TINY: 3 calls, 2 timed
+# Every benchmark that finished timed, (name, extra_info), for the terminal summary
+# (bench/conftest.py) and in run order.
+RESULTS: list[tuple[str, dict]] = []
 
 
 def device_name() -> str:
@@ -54,9 +65,14 @@ def run_info() -> dict:
 
 
 # --------------------------------------------------------------------------- what runs where
+def tiny(benchmark) -> bool:
+    """Run the tiny problem: timing disabled (CI), or CAPSFAST_BENCH_TINY (gpu_check's dry run)."""
+    return benchmark.disabled or TINY_TIMED
+
+
 def skip_unless_meaningful(benchmark, *, dtype: str = "fp32", triton: bool = False) -> None:
-    """On CPU, time only fp32 and no Triton; with timing disabled everything runs (tiny sizes)."""
-    if ON_CUDA or benchmark.disabled:
+    """On CPU, time only fp32 and no Triton; at tiny sizes everything runs."""
+    if ON_CUDA or tiny(benchmark):
         return
     if dtype != "fp32":
         pytest.skip(
@@ -67,8 +83,8 @@ def skip_unless_meaningful(benchmark, *, dtype: str = "fp32", triton: bool = Fal
 
 
 def first_batch_only(benchmark, batch: int, batches: tuple) -> None:
-    """With timing disabled every batch size runs the same tiny problem: run it once."""
-    if benchmark.disabled and batch != batches[0]:
+    """At tiny sizes every batch size runs the same problem: run it once."""
+    if tiny(benchmark) and batch != batches[0]:
         pytest.skip("benchmarking disabled: the first batch size already tests this path")
 
 
@@ -79,7 +95,7 @@ def need_triton(kind: str = "triton") -> None:
 
         ok, reason = triton_available(DEVICE)
         if ok and kind == "fused":
-            import capsfast.kernels.digit_caps  # noqa: F401  (may still be in progress)
+            import capsfast.kernels.digit_caps  # noqa: F401
     except Exception as e:  # import errors of an unfinished or broken kernel module
         ok, reason = False, f"{type(e).__name__}: {e}"
     if not ok:
@@ -88,10 +104,10 @@ def need_triton(kind: str = "triton") -> None:
 
 def compile_fn(fn, benchmark):
     """torch.compile with fresh dynamo caches (parameters must not share the recompile limit).
-    Timing disabled: backend aot_eager traces and differentiates the graph as inductor would,
-    in seconds instead of minutes of code generation."""
+    At tiny sizes: backend aot_eager traces and differentiates the graph as inductor would, in
+    seconds instead of minutes of code generation."""
     torch._dynamo.reset()
-    if benchmark.disabled:
+    if tiny(benchmark):
         return torch.compile(fn, backend="aot_eager")
     return torch.compile(fn, mode=COMPILE_MODE)
 
@@ -109,23 +125,34 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(benchmark, fn, *, rounds: int, warmup_rounds: int):
-    """Run fn under the benchmark and return its last result.
+def timed(benchmark, fn, *, rounds: int, warmup_rounds: int, min_calls: int = 1):
+    """Run fn under the benchmark and return the result of its last timed call.
 
     Warm-up calls (compile, autotune, allocator) run before the timed rounds and before the peak
-    memory counter is reset; each call ends with a sync, so a round measures finished work."""
+    memory counter is reset; each call ends with a sync, so a round measures finished work.
+    With timing disabled fn runs once under the benchmark; then, untimed, until it has run
+    `min_calls` times in all, so that a check over repeated calls (does the loss go down?)
+    tests real results in CI too."""
 
     def call():
         out = fn()
         sync()
         return out
 
+    if TINY_TIMED:
+        rounds = min(rounds, TINY_ROUNDS["rounds"])
+        warmup_rounds = min(warmup_rounds, TINY_ROUNDS["warmup_rounds"])
+    calls = 1
     if benchmark.enabled:
         for _ in range(warmup_rounds):
             call()
+        calls = warmup_rounds + rounds
     if ON_CUDA:
         torch.cuda.reset_peak_memory_stats()
-    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=0)
+    result = benchmark.pedantic(call, rounds=rounds, warmup_rounds=0)
+    for _ in range(calls, min_calls):
+        call()
+    return result
 
 
 def describe(benchmark, *, group: str, subject: str, impl: str, dtype: str, batch: int, **more):
@@ -137,8 +164,18 @@ def describe(benchmark, *, group: str, subject: str, impl: str, dtype: str, batc
     )
 
 
-def finish(benchmark, *, images: int | None = None, nbytes: int | None = None, flops=None):
-    """Rates from the median round: images/s, GB/s against a byte count, TFLOP/s; peak memory."""
+def finish(
+    benchmark,
+    *,
+    images: int | None = None,
+    nbytes: int | None = None,
+    flops=None,
+    matmul_rate=None,
+):
+    """Rates from the median round: images/s, GB/s against a byte count, TFLOP/s; peak memory.
+    With `matmul_rate` (the session fixture: dtype -> this device's matmul TFLOP/s) also that
+    rate and `matmul_fraction`, the achieved FLOP rate over it: how close the whole step comes
+    to what the device's matrix units reach on one large matmul, in the same run."""
     info = benchmark.extra_info
     info["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if ON_CUDA else None
     if nbytes is not None:
@@ -153,6 +190,50 @@ def finish(benchmark, *, images: int | None = None, nbytes: int | None = None, f
         info["gb_per_second"] = nbytes / median / 1e9
     if flops is not None:
         info["tflop_per_second"] = flops / median / 1e12
+        if matmul_rate is not None:
+            peak = matmul_rate(info["dtype"])
+            info["matmul_tflop_per_second"] = peak
+            info["matmul_fraction"] = info["tflop_per_second"] / peak
+    RESULTS.append((benchmark.name, dict(info)))
+
+
+# --------------------------------------------------------------------------- device rates
+# Sizes of the matmul and copy that measure the device: large enough to reach its steady rate
+# (a 4096^3 fp32 matmul takes about a second on 2 CPU cores; 8192^3 a few ms on a GPU), tiny
+# under CAPSFAST_BENCH_TINY.
+MATMUL_N = 512 if TINY_TIMED else (8192 if ON_CUDA else 4096)
+COPY_BYTES = 2**24 if TINY_TIMED else (2**30 if ON_CUDA else 2**28)
+RATE_MIN_RUN_S = 0.2 if TINY_TIMED else 2.0  # each rate: timed blocks of at least this long
+
+
+def _median_seconds(stmt: str, env: dict, min_run_time: float) -> float:
+    """torch.utils.benchmark: blocks of calls, CUDA-synchronised, on this process's threads."""
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = MATMUL_N, min_run_time=RATE_MIN_RUN_S) -> float:
+    """Dense [n, n] x [n, n] matmul rate, TFLOP/s (2 n^3 per product), median of blocks. fp32
+    runs at torch's float32 matmul precision (recorded with it: `highest` means no TF32)."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype, generator=g)
+    a @ b  # warm-up: cuBLAS handles, kernel choice
+    sync()
+    return 2 * n**3 / _median_seconds("a @ b", {"a": a, "b": b}, min_run_time) / 1e12
+
+
+def copy_gb_per_second(nbytes: int = COPY_BYTES, min_run_time=RATE_MIN_RUN_S) -> float:
+    """Device memory bandwidth of a tensor copy, GB/s, counting the read and the write."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync()
+    return (
+        2 * nbytes / _median_seconds("dst.copy_(src)", {"src": src, "dst": dst}, min_run_time) / 1e9
+    )
 
 
 # --------------------------------------------------------------------------- whole-model paths
@@ -166,13 +247,21 @@ def variant_setup(benchmark, variant: str, batch: int, batches: tuple) -> tuple[
     return mode == "compiled", dtype, routing
 
 
-def new_model(routing: str):
-    """The paper's CapsNet, with W drawn at std 0.1 (the top of SPEC's range) instead of 0.01:
-    same cost, but capsules large enough at initialisation for output checks to mean something."""
+# W's initial std. Training benchmarks: the paper's 0.01 (docs/spec.md), because their checks
+# ask that steps lower the loss, and at 0.1 the first Adam step raises it (two images: 0.86 ->
+# 2.69, still 1.01 after 16 steps; at 0.01: 0.90 -> 0.32 -> 0.26). Evaluation: 0.1, the top of
+# the spec's range: same cost, capsules large enough at initialisation for output checks to
+# mean more.
+W_INIT_TRAIN = 0.01
+W_INIT_EVAL = 0.1
+
+
+def new_model(routing: str, w_init_std: float):
+    """The paper's CapsNet on the benchmark device, seeded, W drawn at `w_init_std`."""
     from capsfast.model import CapsNet, ModelConfig
 
     torch.manual_seed(0)
-    return CapsNet(ModelConfig(w_init_std=0.1), routing=routing).to(DEVICE)
+    return CapsNet(ModelConfig(w_init_std=w_init_std), routing=routing).to(DEVICE)
 
 
 def autocast(dtype: str):
@@ -184,7 +273,6 @@ def train_step(model, net, dtype: str):
     """The trainer's optimiser step (capsfast.train): forward + loss, backward, Adam, zero_grad.
     `net` is the model or its compiled wrapper; returns step(x, y) -> (loss, poses), detached."""
     from capsfast.config import resolve
-    from capsfast.train import build_optimizer, compute_loss
 
     optimizer = build_optimizer(model, resolve({"preset": "paper"}))
 

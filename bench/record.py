@@ -1,5 +1,5 @@
-"""Record runs: train a preset for seeds 0..N-1, each in a fresh process as a user starts it, and
-keep one JSON log per run.
+"""Record runs: train a preset for seeds 0..N-1 (or K..K+N-1 with --first-seed K), each in a
+fresh process as a user starts it, and keep one JSON log per run.
 
     python bench/record.py --preset fast --seeds 5 [trainer flags, passed through]
 
@@ -25,9 +25,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: report.py is beside it
-from report import stats_table  # noqa: E402
-
+# Run as a script: this checkout first, so that its bench/ and capsfast/ are imported (and not
+# a capsfast installed from another copy, whose commit would be recorded).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import stats_table  # noqa: E402
+from capsfast.errors import run_main  # noqa: E402
 from capsfast.provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +56,8 @@ def parse_args(argv):
         epilog="Unknown flags go to launch/train.py (e.g. --epochs 2 --report-to none).",
     )
     parser.add_argument("--preset", default="fast", choices=["paper", "seed", "fast"])
-    parser.add_argument("--seeds", type=int, default=5, help="run seeds 0..N-1")
+    parser.add_argument("--seeds", type=int, default=5, help="run N seeds: K..K+N-1")
+    parser.add_argument("--first-seed", type=int, default=0, help="K, the first seed (0)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/records"), help="log directory")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs/record"), help="trainer outputs")
     parser.add_argument(
@@ -69,6 +72,8 @@ def parse_args(argv):
             parser.error(f"{flag.split('=')[0]} is set by record.py for each run")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
     return args, passthrough
 
 
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sha = git_commit()
     records = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         rec = record_run(args, passthrough, seed, sha)
         path = out / f"{args.preset}_seed{seed}_{rec['date'].replace(':', '')}.json"
         path.write_text(json.dumps(rec, indent=2) + "\n")
@@ -122,4 +127,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "record"))  # a signal or a bad path: one line, no traceback

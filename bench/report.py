@@ -2,12 +2,15 @@
 
     python bench/report.py bench/results/cpu/*.json --markdown OUT.md --chart OUT.png
     python bench/report.py --records bench/results/records --markdown OUT.md
+    python bench/report.py --gpu-check bench/results/gpu/DIR --markdown OUT.md
     python bench/report.py --paper bench/results/paper --markdown OUT.md
 
 Benchmark JSONs are pytest-benchmark's `--benchmark-json` files written by bench/; every row's
 speedup is the baseline's median over its own, within its benchmark group (same device, subject,
-batch and, for routing, dtype). Record logs are bench/record.py's one-JSON-per-run files; paper
-logs are bench/paper.py's (the paper's tables, `paper_table`).
+batch and, for routing, dtype). Record logs are bench/record.py's one-JSON-per-run files. A
+gpu_check directory (bench/gpu_check.py) holds both, plus environment.json and steps.json: its
+report is the environment, every step with its command and outcome, and the tables. Paper logs
+are bench/paper.py's (the paper's tables: `paper_table`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def load_benchmarks(paths) -> list[dict]:
                     "images_per_second": info.get("images_per_second"),
                     "gb_per_second": info.get("gb_per_second"),
                     "tflop_per_second": info.get("tflop_per_second"),
+                    "matmul_fraction": info.get("matmul_fraction"),
                     "peak_memory_gb": info.get("peak_memory_gb"),
                 }
             )
@@ -64,7 +68,10 @@ def _rate(r: dict) -> str:
     if r["images_per_second"] is not None:
         text = f"{r['images_per_second']:,.0f} img/s"
         if r["tflop_per_second"] is not None:
-            text += f" ({r['tflop_per_second']:.3g} TFLOP/s)"
+            text += f" ({r['tflop_per_second']:.3g} TFLOP/s"
+            if r.get("matmul_fraction") is not None:
+                text += f", {100 * r['matmul_fraction']:.3g}% of matmul"
+            text += ")"
         return text
     if r["gb_per_second"] is not None:
         return f"{r['gb_per_second']:.3g} GB/s"
@@ -174,6 +181,155 @@ def records_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- gpu_check directories
+ENVIRONMENT_ROWS = (  # (label, environment.json key, format)
+    ("device", "device", "{}"),
+    ("driver", "driver_version", "{}"),
+    ("compute capability", "compute_capability", "{}"),
+    ("SMs", "sm_count", "{}"),
+    ("memory", "memory_gb", "{:.1f} GB"),
+    ("CUDA", "cuda", "{}"),
+    ("cuDNN", "cudnn", "{}"),
+    ("torch", "torch", "{}"),
+    ("triton", "triton", "{}"),
+    ("accelerate", "accelerate", "{}"),
+    ("python", "python", "{}"),
+    ("device copy (read + write)", "copy_gb_per_second", "{:,.0f} GB/s"),
+    ("bf16 matmul", "bf16_matmul_tflop_per_second", "{:.3g} TFLOP/s"),
+    ("fp32 matmul", "fp32_matmul_tflop_per_second", "{:.3g} TFLOP/s"),
+    ("fp32 matmul precision", "fp32_matmul_precision", "{}"),
+    ("date", "date", "{}"),
+    ("commit", "commit", "{}"),
+)
+
+
+PROFILE_LINES = 16  # of profile.txt in the summary: its title and the top kernels
+
+
+def environment_table(env: dict) -> str:
+    lines = ["| | |", "|---|---|"]
+    for label, key, fmt in ENVIRONMENT_ROWS:
+        if env.get(key) is not None:
+            lines.append(f"| {label} | {fmt.format(env[key])} |")
+    if env.get("matmul_n"):
+        n = env["matmul_n"]
+        lines.append(
+            f"| rates measured on | a {n}^3 matmul, a {env['copy_bytes'] / 1e6:,.0f} MB copy |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def step_outcome(step: dict) -> str:
+    """One cell: what a step found (counts, accuracy, epoch time) or why it did not."""
+    r = step.get("results") or {}
+    parts = []
+    if "tests" in r:
+        parts.append(
+            f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors, "
+            f"{r['skipped']} skipped in {r['pytest_seconds']:.0f} s"
+        )
+    if "benchmarks" in r:
+        parts.append(f"{r['benchmarks']} timed rows")
+    if "unreadable" in r:
+        parts.append(f"unreadable: {r['unreadable']}")
+    if r.get("test_accuracy") is not None:
+        parts.append(f"test accuracy {100 * r['test_accuracy']:.2f}% after {r['steps']} steps")
+        parts.append(f"wall {r['wall_seconds']:.1f} s")
+        if r.get("images_per_second"):
+            parts.append(f"{r['images_per_second']:,.0f} img/s")
+        if r.get("steady_epoch_seconds"):
+            parts.append(f"epoch {r['steady_epoch_seconds']:.2f} s at that rate")
+        if r.get("first_epoch_seconds") is not None:
+            parts.append(f"first epoch {r['first_epoch_seconds']:.1f} s from process start")
+    if step.get("reason"):
+        parts.append(step["reason"])
+    return "; ".join(parts)
+
+
+def steps_table(steps: list[dict]) -> str:
+    lines = [
+        "| step | what | status | seconds (estimate) | outcome | command |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for s in steps:
+        seconds = "" if s.get("seconds") is None else f"{s['seconds']:.0f}"
+        lines.append(
+            f"| {s['name']} | {s['what']} | {s['status']} | {seconds} ({s['estimate_s']:.0f}) | "
+            f"{step_outcome(s)} | `{s['command']}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_gpu_check(directory) -> dict:
+    """steps.json, environment.json, the benchmark rows and the record logs of a directory."""
+    d = Path(directory)
+    if not (d / "steps.json").is_file():
+        raise SystemExit(f"report.py: {d} holds no steps.json: not a bench/gpu_check.py result")
+    run = json.loads((d / "steps.json").read_text())
+    env_path = d / "environment.json"
+    readable = [p for p in sorted(d.glob("bench_*.json")) if _is_json(p)]  # a step killed mid-write
+    return {
+        "run": run,
+        "environment": json.loads(env_path.read_text()) if env_path.is_file() else None,
+        "benchmarks": load_benchmarks(readable),
+        "records": load_records(d / "records") if (d / "records").is_dir() else [],
+    }
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def render_gpu_check(directory) -> str:
+    """The directory's summary.md: what ran, what was skipped and why, every figure."""
+    data = load_gpu_check(directory)
+    run, env = data["run"], data["environment"]
+    steps = run["steps"]
+    device = (env or {}).get("device", "unknown device")
+    dry = run["plan"] == "dry-run"
+    title = "GPU check, dry run on CPU (its figures time tiny problems)" if dry else "GPU check"
+    statuses = ("ok", "stopped", "skipped", "failed")
+    by_status = {k: [s["name"] for s in steps if s["status"] == k] for k in statuses}
+    parts = [
+        f"# {title}: {device}, commit {run['commit']}\n",
+        f"`{run['command']}`, started {run['started']}, {run['seconds']:.0f} s of a "
+        f"{run['budget_s']:.0f} s budget"
+        + (" (interrupted)" if run.get("interrupted") else "")
+        + ".\n",
+        "".join(f"- {k}: {', '.join(v)}\n" for k, v in by_status.items() if v),
+        "## Environment\n",
+        environment_table(env) if env else "environment.json missing: the step did not finish\n",
+        "## Steps\n",
+        "Each step's log is in logs/; estimates are the plan's guesses, seconds what it took.\n",
+        steps_table(steps),
+    ]
+    if data["benchmarks"]:
+        ran = [s for s in steps if s["status"] != "skipped"]
+        commands = [s["command"] for s in ran if s["name"].startswith("bench_")]
+        parts += [
+            "## Benchmarks (median round)\n",
+            "".join(f"`{c}`\n\n" for c in commands),
+            benchmark_table(data["benchmarks"]),
+        ]
+    if data["records"]:
+        ran = [s for s in steps if s["status"] != "skipped"]
+        commands = [s["command"] for s in ran if s["name"].startswith("record_")]
+        parts += [
+            "## Record runs\n",
+            "".join(f"`{c}`\n\n" for c in commands),
+            records_table(data["records"]),
+        ]
+    profile = Path(directory) / "profile.txt"
+    if profile.is_file():
+        head = profile.read_text().splitlines()[:PROFILE_LINES]
+        parts += ["## Profile (the top of profile.txt)\n", "```\n" + "\n".join(head) + "\n```\n"]
+    return "\n".join(parts)
+
+
 # --------------------------------------------------------------------------- the paper's tables
 def _paper_rows():
     try:  # imported as bench.report (tests) or as a script beside paper.py
@@ -232,14 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*", help="pytest-benchmark JSON files from bench/")
     parser.add_argument("--records", help="directory of bench/record.py run logs")
+    parser.add_argument("--gpu-check", help="a bench/gpu_check.py result directory")
     parser.add_argument("--paper", help="directory of bench/paper.py run logs (paper's tables)")
     parser.add_argument("--markdown", help="write the table(s) here (default: print)")
     parser.add_argument("--chart", help="PNG of each path's speedup over the eager baseline")
     args = parser.parse_args(argv)
-    if not args.results and not args.records and not args.paper:
-        parser.error("give benchmark JSON files and/or --records DIR and/or --paper DIR")
+    if not args.results and not args.records and not args.gpu_check and not args.paper:
+        parser.error("give benchmark JSON files, --records DIR, --gpu-check DIR and/or --paper DIR")
 
     parts = []
+    if args.gpu_check:
+        parts.append(render_gpu_check(args.gpu_check))
     if args.results:
         rows = load_benchmarks(args.results)
         if not rows:
