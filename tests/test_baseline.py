@@ -108,3 +108,46 @@ def test_a_few_steps_on_real_mnist_reduce_the_loss():
         losses.append(loss.item())
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8  # from about 2.3 (chance)
     assert last < 0.85 * first, losses
+
+
+def test_export_and_load_either_model(tmp_path):
+    """The baseline exports as capsnet does; config.json names the architecture, and an export
+    without it (written before the baseline existed) loads as CapsNet."""
+    import json
+
+    from capsfast import CapsNet
+    from capsfast.export import ModelError, load_model, save_model
+
+    torch.manual_seed(0)
+    cfg = BaselineConfig(image_size=36, conv_channels=(8, 8, 4), pool_after=(0, 1), hidden=(16, 8))
+    model = BaselineCNN(cfg).eval()
+    save_model(model, tmp_path / "baseline", meta={"task": "multimnist"})
+    config = json.loads((tmp_path / "baseline" / "config.json").read_text())
+    assert config["architecture"] == "baseline" and config["model"]["pool_after"] == [0, 1]
+    loaded = load_model(tmp_path / "baseline")
+    assert isinstance(loaded, BaselineCNN) and loaded.config == cfg and not loaded.training
+    x = torch.rand(3, 1, 36, 36)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+    save_model(CapsNet(), tmp_path / "capsnet")
+    path = tmp_path / "capsnet" / "config.json"
+    old = json.loads(path.read_text())
+    assert old.pop("architecture") == "capsnet"
+    path.write_text(json.dumps(old))
+    assert isinstance(load_model(tmp_path / "capsnet"), CapsNet)
+
+    good = (tmp_path / "baseline" / "config.json").read_text()
+    for key, value, message in [
+        ("dropout", 1.5, "must be a number in \\[0, 1\\)"),
+        ("conv_channels", [8, 0, 4], "must be a list of positive integers"),
+        ("pool_after", [0, 7], "does not fit 3 convolutions"),
+    ]:
+        bad = json.loads(good)
+        bad["model"][key] = value
+        (tmp_path / "baseline" / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ModelError, match=message):
+            load_model(tmp_path / "baseline")
+    bad["architecture"] = "resnet"
+    (tmp_path / "baseline" / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match="unknown architecture 'resnet'"):
+        load_model(tmp_path / "baseline")
