@@ -23,9 +23,10 @@ to tell the paper's 5.2% from the baseline's 8.1%; `--test-size` caps it.
 
 Overlap. The paper: "two digits bounding boxes on average have 80% overlap". For the nominal
 20x20 boxes of two digits shifted independently by up to 4 px, the expected shared fraction of a
-box is exactly (1 - E|dy1 - dy2| / 20)^2 = (1 - 240/81/20)^2 = 72.6%, and `overlap_statistics`
-measures the generator's ink boxes (see README "Paper reproduction" for the measured values);
-80% is what a relative shift of up to 4 px (one digit fixed) would give: (1 - 20/9/20)^2 = 79.0%.
+box is exactly (1 - E|dy1 - dy2| / 20)^2 = (1 - 240/81/20)^2 = 72.6%. `overlap_statistics`
+measures the generator on real digits (20,000 training pairs): nominal boxes 72.6%, the actual
+ink boxes 46% intersection over union and 73% of the smaller box. 80% is what a relative shift
+of up to 4 px (one digit fixed) would give: (1 - 20/9/20)^2 = 79.0%.
 """
 
 from __future__ import annotations
