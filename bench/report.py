@@ -45,7 +45,7 @@ def load_benchmarks(paths) -> list[dict]:
                     "dtype": info["dtype"],
                     "batch": info["batch"],
                     "baseline": bool(info.get("baseline")),
-                    "median": b["stats"]["median"],
+                    "median": info.get("median_s", b["stats"]["median"]),
                     "images_per_second": info.get("images_per_second"),
                     "gb_per_second": info.get("gb_per_second"),
                     "tflop_per_second": info.get("tflop_per_second"),

@@ -14,11 +14,15 @@ bf16 runs as in training: route gets bf16 u_hat; digit_caps gets bf16 u with the
 under autocast.
 """
 
-# ruff: noqa: E741  (I, J, D: the notation of SPEC.md and ROUTING.md)
+# ruff: noqa: E741  (I, J, D: the notation of docs/spec.md and docs/routing.md)
 from __future__ import annotations
 
 import pytest
 import torch
+import triton.testing
+from capsfast.kernels import common as kernels_common
+from capsfast.kernels import digit_caps as kernels_digit_caps
+from capsfast.kernels import routing as kernels_routing
 
 from bench.common import (
     DEVICE,
@@ -43,6 +47,7 @@ ROUNDS = {"rounds": 50, "warmup_rounds": 5} if ON_CUDA else {"rounds": 20, "warm
 # summation order only; bf16 by rounding of u_hat and v (a few ulps of 2^-8).
 TOL = {"fp32": 2e-5, "bf16": 3e-2}
 PASSES = ("fwd", "fwd+bwd")
+SMS = kernels_common.sm_count(DEVICE) if ON_CUDA else 132  # the cost model's GPU geometry
 
 
 def capsule_inputs(B: int, n_in: int, seed: int = 0):
@@ -91,17 +96,15 @@ def bench_routing(benchmark, subject: str, impl: str, pass_: str, dtype: str, ba
         ref_inputs = [u_hat.float().clone().requires_grad_(), bias.clone().requires_grad_()]
         ref_fn = lambda x, b: route_torch(x, T, b)
         inputs = [u_hat, bias.clone()]
-        nbytes = u_hat.numel() * u_hat.element_size() * (2 * T + 1 if backward else T)
+        costs = kernels_routing.pass_costs(B, n_in, J, D, DIN, T, dt, backward=backward, sms=SMS)
     else:
         u = u.to(dt)
         ref_inputs = [t.clone().requires_grad_() for t in (u.float(), W, bias)]
         ref_fn = lambda x, w, b: digit_caps(x, w, T, bias=b, impl="torch")
         inputs = [u, W.clone(), bias.clone()]
-        size = lambda t: t.numel() * t.element_size()
-        v_bytes = B * J * D * u.element_size()
-        nbytes = size(u) + size(W) + size(bias) + v_bytes
-        if backward:
-            nbytes += v_bytes + size(u) + size(W) + size(bias)
+        costs = kernels_digit_caps.pass_costs(
+            B, n_in, J, D, DIN, T, dt, w_dtype=W.dtype, backward=backward, sms=SMS
+        )
     want_v, want_grads = run(ref_fn, ref_inputs, grad_v.float(), backward)
 
     if backward:
@@ -131,7 +134,13 @@ def bench_routing(benchmark, subject: str, impl: str, pass_: str, dtype: str, ba
         iterations=T,
     )
     v, grads = timed(benchmark, step, **ROUNDS)
-    finish(benchmark, nbytes=nbytes)
+    median_s = None
+    if ON_CUDA and benchmark.enabled:  # GPU time with a cold L2, median of many calls
+        median_s = triton.testing.do_bench(step, return_mode="median") / 1e3
+    benchmark.extra_info.update(
+        flops=costs["flops"], l2_bytes=costs["l2_bytes"], passes=costs["passes"], sms=SMS
+    )
+    finish(benchmark, nbytes=costs["bytes"], flops=costs["flops"], median_s=median_s)
 
     assert v.shape == (B, J, D) and v.dtype == dt
     assert_close(v, want_v, dtype, f"{subject} {impl} v: ")

@@ -26,16 +26,21 @@ from capsfast.errors import UserError
 from capsfast.infer import ImageError, read_digit, to_uint8
 
 DELTA_RANGE = 0.25  # slider range, as in the capsule-dimension figure
-DISPLAY = 8  # 28x28 images are shown at 8x (224 px), nearest neighbour
+DISPLAY = 8  # 28x28 images are shown at 8x (224 px), nearest neighbour; others near 224 px
 RECON_ID, PRED_ID = "reconstruction", "prediction"
 
 __all__ = ["AppModel", "build_app", "main"]
 
 
 def _upscale(image: torch.Tensor):
-    """float [1, 28, 28] -> uint8 numpy [224, 224] for display."""
-    arr = to_uint8(image.reshape(image.shape[-2:]))
-    return arr.repeat_interleave(DISPLAY, 0).repeat_interleave(DISPLAY, 1).numpy()
+    """float [1, 28, 28] -> uint8 numpy [224, 224] for display; colour [3, S, S] -> [., ., 3]."""
+    side = image.shape[-1]
+    scale = DISPLAY if side == 28 else max(1, (DISPLAY * 28) // side)
+    if image.dim() == 3 and image.shape[0] == 3:
+        arr = to_uint8(image).permute(1, 2, 0)
+    else:
+        arr = to_uint8(image.reshape(image.shape[-2:]))
+    return arr.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
 
 
 class AppModel:
@@ -44,19 +49,22 @@ class AppModel:
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.config = model.config
         self.num_classes = model.config.num_classes
         self.dim = model.config.digit_dim
+        self.class_names = model.config.labels  # the bars' labels
 
     @torch.no_grad()
     def analyse(self, picture) -> dict:
         """picture: an uploaded file's path, a sketchpad value, an array or PIL image ->
         prediction dict (raises ImageError)."""
-        x = read_digit(_picture(picture))
+        x = read_digit(_picture(picture), self.config)
         out = self.model(x.unsqueeze(0).to(self.device))
         lengths = out.lengths[0].float().cpu()
         label = int(lengths.argmax())
         return {
             "label": label,
+            "class_name": self.class_names[label],
             "lengths": [float(v) for v in lengths],
             "pose": [float(v) for v in out.poses[0, label].float().cpu()],
             "input": x,
@@ -65,7 +73,7 @@ class AppModel:
 
     @torch.no_grad()
     def decode(self, label: int, pose: list[float], deltas: list[float]) -> torch.Tensor:
-        """Reconstruct [1, 28, 28] from capsule `label` with `pose` + `deltas`, others zero."""
+        """Reconstruct [C, S, S] from capsule `label` with `pose` + `deltas`, others zero."""
         poses = torch.zeros(1, self.num_classes, self.dim, device=self.device)
         poses[0, label] = torch.tensor(pose, device=self.device) + torch.tensor(
             [float(d) for d in deltas], device=self.device
@@ -95,7 +103,8 @@ def build_app(model: torch.nn.Module):
     import gradio as gr
 
     logic = AppModel(model)
-    blank = _upscale(torch.zeros(1, 28, 28))
+    size = logic.config.image_size
+    blank = _upscale(torch.zeros(logic.config.in_channels, size, size))
     with gr.Blocks(**_kwargs(gr.Blocks.__init__, title="capsfast: draw a digit")) as demo:
         gr.Markdown(
             "## capsfast: draw a digit\nPick the brush, draw one digit with the mouse (or upload a "
@@ -134,7 +143,7 @@ def build_app(model: torch.nn.Module):
                 with gr.Row():
                     seen = gr.Image(
                         value=blank,
-                        label="what the model sees (28x28)",
+                        label=f"what the model sees ({size}x{size})",
                         interactive=False,
                         **_kwargs(gr.Image.__init__, format="png"),
                     )
@@ -166,8 +175,8 @@ def build_app(model: torch.nn.Module):
             except ImageError as e:
                 return ["**Prediction:** none (" + str(e) + ")", None, blank, blank, None, *zeros]
             label, lengths = r["label"], r["lengths"]
-            text = f"**Prediction: {label}** (capsule length {lengths[label]:.3f})"
-            bars_value = {str(k): v for k, v in enumerate(lengths)}
+            text = f"**Prediction: {r['class_name']}** (capsule length {lengths[label]:.3f})"
+            bars_value = dict(zip(logic.class_names, lengths, strict=True))
             new_state = {"label": label, "pose": r["pose"]}
             return [
                 text,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsfast.model import class_targets
+from capsfast.model import ModelConfig, class_targets
 
 
 @dataclass
@@ -48,6 +48,21 @@ class BaselineConfig:
     pool_after: tuple[int, ...] = ()  # indices of the convolutions followed by 2x2 max-pooling
     hidden: tuple[int, ...] = (328, 192)
     dropout: float = 0.5  # before the softmax layer
+    # What the classes and inputs are, as in ModelConfig (predict, the app): None is MNIST's.
+    class_names: tuple[str, ...] | None = None
+    input_style: str = "mnist"
+    input_resize: int | None = None
+
+    def __post_init__(self):
+        if self.class_names is not None:
+            self.class_names = tuple(str(c) for c in self.class_names)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The class names (ModelConfig.labels' rule)."""
+        if self.class_names is not None:
+            return tuple(self.class_names)
+        return ModelConfig(num_classes=self.num_classes).labels
 
     @property
     def feature_size(self) -> int:
@@ -61,6 +76,8 @@ class BaselineConfig:
         d = asdict(self)
         for key in ("conv_channels", "pool_after", "hidden"):
             d[key] = list(d[key])
+        if self.class_names is not None:
+            d["class_names"] = list(self.class_names)
         return d
 
     @classmethod
@@ -71,8 +88,8 @@ class BaselineConfig:
             raise ValueError(
                 f"unknown baseline config keys {unknown}: written by a newer capsfast?"
             )
-        for key in ("conv_channels", "pool_after", "hidden"):
-            if key in known:
+        for key in ("conv_channels", "pool_after", "hidden", "class_names"):
+            if known.get(key) is not None:
                 known[key] = tuple(known[key])
         return cls(**known)
 

@@ -2,8 +2,11 @@
 
 config.json holds {"format": "capsfast-model", "format_version": 1, "architecture": "capsnet" or
 "baseline", "model": its config's fields (ModelConfig, or capsfast.baseline.BaselineConfig),
-"meta": {...free-form provenance...}}. An export without "architecture" (written before the
-baseline existed) is a CapsNet. The routing implementation is not part of the model: any exported
+"meta": {...free-form provenance...}}. The model's fields include what using it needs: its
+class names and how a picture becomes its input (input_style, input_resize); meta names the data
+set it was trained on ("dataset", e.g. "cifar10"). An export without "architecture" (written
+before the baseline existed) is a CapsNet; one written before the data fields existed loads as
+an MNIST model (digits 0-9). The routing implementation is not part of the model: any exported
 model loads under any implementation.
 """
 
@@ -73,6 +76,27 @@ def _check_directory(directory: Path) -> None:
     )
 
 
+# Model fields that came with data sets other than MNIST: an export written before them lacks
+# them and loads as an MNIST model (ModelConfig's defaults).
+DATA_FIELDS = ("none_class", "class_names", "input_style", "input_resize")
+
+
+def _check_data_field(name: str, value, section: dict, path: Path, redo: str) -> None:
+    from capsfast.data import INPUT_STYLES
+
+    if name == "class_names":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ok = ok and len(value) == section.get("num_classes", len(value))
+        want = "a list of num_classes strings"
+    elif name == "input_style":
+        ok, want = value in INPUT_STYLES, f"one of {', '.join(INPUT_STYLES)}"
+    else:  # input_resize
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        want = "a positive int or null"
+    if not ok:
+        raise ModelError(f"{path}: model key {name!r} is {value!r}, must be {want}; {redo}")
+
+
 def _model_config(section, path: Path) -> ModelConfig:
     """The "model" section of config.json as a ModelConfig: every field present, each of the
     type its default has, the sizes positive (a hand-edited or damaged file fails here, in one
@@ -87,11 +111,17 @@ def _model_config(section, path: Path) -> ModelConfig:
         raise ModelError(
             f"{path}: unknown model keys {unknown} (written by a newer capsfast?): upgrade capsfast"
         )
-    missing = [n for n in names if n not in section]
+    missing = [n for n in names if n not in section and n not in DATA_FIELDS]
     if missing:
         raise ModelError(f"{path}: model keys {missing} are missing; {redo}")
+    section = {k: v for k, v in section.items() if v is not None or k not in DATA_FIELDS}
     for name in names:
+        if name not in section:  # a data field an older export lacks: its default (MNIST's)
+            continue
         value, default = section[name], getattr(defaults, name)
+        if name in DATA_FIELDS and name != "none_class":
+            _check_data_field(name, value, section, path, redo)
+            continue
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
@@ -129,7 +159,8 @@ def _baseline_config(section, path: Path) -> BaselineConfig:
     if not isinstance(section, dict):
         raise ModelError(f'{path}: "model" must be an object of architecture fields; {redo}')
     names = [f.name for f in fields(BaselineConfig)]
-    unknown, missing = sorted(set(section) - set(names)), [n for n in names if n not in section]
+    unknown = sorted(set(section) - set(names))
+    missing = [n for n in names if n not in section and n not in DATA_FIELDS]
     if unknown:
         raise ModelError(
             f"{path}: unknown model keys {unknown} (written by a newer capsfast?): upgrade capsfast"
@@ -140,8 +171,14 @@ def _baseline_config(section, path: Path) -> BaselineConfig:
     def positive(v, low=1):
         return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
+    section = {k: v for k, v in section.items() if v is not None or k not in DATA_FIELDS}
     for name in names:
+        if name not in section:  # a data field an older export lacks: its default (MNIST's)
+            continue
         value = section[name]
+        if name in DATA_FIELDS:
+            _check_data_field(name, value, section, path, redo)
+            continue
         if name in ("conv_channels", "hidden"):
             ok = isinstance(value, list) and len(value) >= 1 and all(map(positive, value))
             want = "a list of positive integers"

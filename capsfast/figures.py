@@ -40,7 +40,7 @@ def _pyplot():
 
 
 def as_float_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,28,28] / [N,1,28,28] or float in [0, 1] -> float [N, 1, 28, 28] on the CPU."""
+    """uint8 [N, H, W] / [N, C, H, W] or float in [0, 1] -> float [N, C, H, W] on the CPU."""
     x = images.detach().cpu()
     if x.dim() == 3:
         x = x.unsqueeze(1)
@@ -51,11 +51,21 @@ def as_float_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def grid(images: torch.Tensor, ncols: int) -> torch.Tensor:
-    """[N, 1, H, W] -> one grey [rows*(H+2)+2, ncols*(W+2)+2] image, row-major, white gaps
-    (torchvision's make_grid; the tick positions of the perturbation figure assume this layout)."""
+    """[N, C, H, W] -> one [rows*(H+2)+2, ncols*(W+2)+2] image, row-major, white gaps: grey for
+    C = 1, [3, ...] for colour (torchvision's make_grid; the tick positions of the perturbation
+    figure assume this layout)."""
     from torchvision.utils import make_grid
 
-    return make_grid(images.detach().float().cpu(), nrow=ncols, padding=GAP, pad_value=1.0)[0]
+    out = make_grid(images.detach().float().cpu(), nrow=ncols, padding=GAP, pad_value=1.0)
+    return out[0] if images.shape[1] == 1 else out
+
+
+def _imshow(ax, image: torch.Tensor) -> None:
+    """A grey [H, W] or colour [3, H, W] image in [0, 1], pixels as squares."""
+    if image.dim() == 3:
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    else:
+        ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
 
 
 @torch.no_grad()
@@ -64,15 +74,17 @@ def perturb_capsule(
 ) -> tuple[torch.Tensor, int]:
     """Decode the predicted capsule with each dimension moved by each delta.
 
-    image [1, 28, 28] (or [28, 28]) -> (reconstructions [D, len(deltas), 28, 28], predicted
-    class). Row d moves dimension d alone; the other dimensions keep their values.
+    image [C, H, W] (or [H, W]) -> (reconstructions [D, len(deltas), H, W] ([D, len(deltas), C,
+    H, W] for colour), predicted class). Row d moves dimension d alone; the other dimensions
+    keep their values.
     """
     net = model
     was_training = net.training
     net.eval()
     try:
         param = next(net.parameters())
-        x = as_float_images(image.reshape(1, 1, *image.shape[-2:])).to(param.device, param.dtype)
+        shape = (1, 1, *image.shape) if image.dim() == 2 else (1, *image.shape[-3:])
+        x = as_float_images(image.reshape(shape)).to(param.device, param.dtype)
         poses = net.encode(x)  # [1, J, D]
         device = param.device
         label = int(poses.norm(dim=-1).argmax(1))
@@ -84,7 +96,8 @@ def perturb_capsule(
         recon = net.decode(batch.view(-1, J, D), labels).float()
     finally:
         net.train(was_training)
-    return recon.view(D, len(deltas), *recon.shape[-2:]).cpu(), label
+    recon = recon.view(D, len(deltas), *recon.shape[1:]).cpu()
+    return (recon.squeeze(2) if recon.shape[2] == 1 else recon), label
 
 
 def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int = 10):
@@ -152,39 +165,37 @@ def _plot_reconstructions(images, recons, labels, pred_labels, path, ncols=10) -
     plt = _pyplot()
     n = images.shape[0]
     rows = math.ceil(n / ncols)
-    # Each row of digits is followed by the row of their reconstructions.
+    # Each row of images is followed by the row of their reconstructions.
     pairs = []
     for r in range(rows):
         chunk = slice(r * ncols, min(n, (r + 1) * ncols))
-        pairs.append(
-            torch.cat([images[chunk], torch.zeros(ncols - images[chunk].shape[0], 1, 28, 28)])
-        )
-        pairs.append(
-            torch.cat([recons[chunk], torch.zeros(ncols - recons[chunk].shape[0], 1, 28, 28)])
-        )
+        blank = torch.zeros(ncols - images[chunk].shape[0], *images.shape[1:])
+        pairs.append(torch.cat([images[chunk], blank]))
+        pairs.append(torch.cat([recons[chunk], blank]))
     image = grid(torch.cat(pairs), ncols)
     fig = plt.figure(figsize=(ncols * 0.9 + 1, rows * 1.8 + 0.8))
     ax = fig.add_axes([0.02, 0.02, 0.96, 0.96 - 0.6 / (rows * 1.8 + 0.8)])
-    ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    _imshow(ax, image)
     ax.set_axis_off()
     ok = int((pred_labels == labels).sum())
-    ax.set_title(f"test digits (odd rows) and reconstructions (even rows): {ok}/{n} correct")
+    ax.set_title(f"test images (odd rows) and reconstructions (even rows): {ok}/{n} correct")
     return _save(fig, path)
 
 
 def _plot_perturbation(recon: torch.Tensor, label: int, path, deltas=DELTAS) -> Path:
     plt = _pyplot()
     D, S = recon.shape[:2]
-    image = grid(recon.reshape(D * S, 1, *recon.shape[-2:]), S)
+    frames = recon.reshape(D * S, *recon.shape[2:])
+    image = grid(frames[:, None] if frames.dim() == 3 else frames, S)
     fig = plt.figure(figsize=(S * 0.55 + 1.2, D * 0.55 + 1.0))
     ax = fig.add_axes([0.1, 0.02, 0.88, 0.9])
-    ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    step = recon.shape[-1] + GAP
+    _imshow(ax, image)
+    step, mid = recon.shape[-1] + GAP, recon.shape[-1] // 2
     ax.set_xticks(
-        [GAP + step * i + 14 for i in range(S)], [f"{d:+.2f}" for d in deltas], fontsize=7
+        [GAP + step * i + mid for i in range(S)], [f"{d:+.2f}" for d in deltas], fontsize=7
     )
     ax.set_yticks(
-        [GAP + step * i + 14 for i in range(D)], [f"dim {i}" for i in range(D)], fontsize=7
+        [GAP + step * i + mid for i in range(D)], [f"dim {i}" for i in range(D)], fontsize=7
     )
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
@@ -194,9 +205,10 @@ def _plot_perturbation(recon: torch.Tensor, label: int, path, deltas=DELTAS) -> 
     return _save(fig, path)
 
 
-def _plot_confusion(cm: torch.Tensor, path) -> Path:
+def _plot_confusion(cm: torch.Tensor, path, class_names=None) -> Path:
     plt = _pyplot()
     k = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(cm.numpy(), cmap="Blues")
     fig.colorbar(im, ax=ax)
@@ -204,21 +216,23 @@ def _plot_confusion(cm: torch.Tensor, path) -> Path:
     for i in range(k):
         for j in range(k):
             v = int(cm[i, j])
-            if v:
+            if v and k <= 20:  # counts stay legible up to 20 classes
                 color = "white" if v > vmax / 2 else "black"
                 ax.text(j, i, str(v), ha="center", va="center", color=color, fontsize=8)
-    ax.set_xticks(range(k))
-    ax.set_yticks(range(k))
+    size = 8 if k <= 20 else max(3, int(8 * 20 / k))
+    ax.set_xticks(range(k), names, rotation=90, fontsize=size)
+    ax.set_yticks(range(k), names, fontsize=size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     total = int(cm.sum())
     acc = float(cm.diag().sum()) / max(1, total)
-    ax.set_title(f"confusion matrix: {total} test digits, accuracy {acc:.2%}")
+    ax.set_title(f"confusion matrix: {total} test images, accuracy {acc:.2%}")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def _plot_wrong(images, recons, labels, pred: Prediction, idx, path, ncols=8) -> Path:
+def _plot_wrong(images, recons, labels, pred: Prediction, idx, path, ncols=8,
+                class_names=None) -> Path:  # fmt: skip
     plt = _pyplot()
     n = len(idx)
     rows = max(1, math.ceil(n / ncols))
@@ -226,16 +240,18 @@ def _plot_wrong(images, recons, labels, pred: Prediction, idx, path, ncols=8) ->
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, i in zip(axes.flat, idx.tolist(), strict=False):
-        # The digit and, beside it, what the model's chosen capsule decodes to.
-        pair = torch.cat([images[i, 0], torch.ones(28, 2), recons[i, 0]], dim=1)
-        ax.imshow(pair.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        p = int(pred.labels[i])
+        # The image and, beside it, what the model's chosen capsule decodes to.
+        c, h = images.shape[1], images.shape[2]
+        pair = torch.cat([images[i], torch.ones(c, h, 2), recons[i]], dim=2)
+        _imshow(ax, pair[0] if c == 1 else pair)
+        p, t = int(pred.labels[i]), int(labels[i])
+        name = (lambda k: class_names[k]) if class_names is not None else str
         ax.set_title(
-            f"true {int(labels[i])} pred {p}\n|v|={float(pred.lengths[i, p]):.2f}", fontsize=8
+            f"true {name(t)} pred {name(p)}\n|v|={float(pred.lengths[i, p]):.2f}", fontsize=8
         )
     if n == 0:
-        fig.text(0.5, 0.5, "no misclassified digits", ha="center", va="center")
-    fig.suptitle("most confidently wrong: digit | reconstruction from the predicted capsule")
+        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.suptitle("most confidently wrong: image | reconstruction from the predicted capsule")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -253,7 +269,8 @@ def save_figures(
 ) -> dict[str, Path]:
     """Draw the four figures of a trained model on (test) `images` and `labels` into `out_dir`.
 
-    images: uint8 [N, 28, 28] or float [N, 1, 28, 28] in [0, 1]; at most `max_images` are used.
+    images: uint8 [N, C, H, W] (or [N, H, W]) or float [N, C, H, W] in [0, 1], the model's input
+    size; at most `max_images` are used. Axes and titles name the model's classes.
     device: where to run the model (default: where it is). The model's train/eval mode is kept.
     progress: a tqdm bar on stderr while the images are evaluated.
     Returns {"reconstructions", "capsule_dimensions", "confusion_matrix", "confident_wrong"}
@@ -278,11 +295,12 @@ def save_figures(
     recon, label = perturb_capsule(net, x[first])
     paths["capsule_dimensions"] = _plot_perturbation(recon, label, out / "capsule_dimensions.png")
     num_classes = pred.lengths.shape[1]
+    names = getattr(getattr(net, "config", None), "labels", None)
     cm = confusion_matrix(pred.labels, y, num_classes)
-    paths["confusion_matrix"] = _plot_confusion(cm, out / "confusion_matrix.png")
+    paths["confusion_matrix"] = _plot_confusion(cm, out / "confusion_matrix.png", names)
     idx = most_confident_wrong(pred, y, num_wrong)
     paths["confident_wrong"] = _plot_wrong(
-        x, pred.reconstructions, y, pred, idx, out / "confident_wrong.png"
+        x, pred.reconstructions, y, pred, idx, out / "confident_wrong.png", class_names=names
     )
     return paths
 
@@ -291,12 +309,15 @@ def save_figures(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Draw the figures of an exported model on the shipped MNIST test set."""
+    """Draw the figures of an exported model on the test set of the data set it was trained on
+    (its config.json's meta.dataset; MNIST for exports that predate it)."""
     import argparse
     import time
 
-    from capsfast.data import load_mnist
+    from capsfast.data import centre_crop
+    from capsfast.datasets import load_dataset
     from capsfast.errors import UserError
+    from capsfast.export import read_config
     from capsfast.infer import ROUTINGS, load_for_inference
 
     parser = argparse.ArgumentParser(
@@ -311,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--test-size", type=int, default=10_000, help="test images used (default: all 10,000)"
     )
-    parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: shipped)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="the data set's folder (default: MNIST: the shipped copy; the others: ./data)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     parser.add_argument("--routing", default="auto", choices=ROUTINGS)
     args = parser.parse_args(argv)
@@ -321,13 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a directory (created if missing)")
     model = load_for_inference(args.model, args.device, args.routing)
-    mnist = load_mnist(args.data_dir)
-    images = mnist.test_images[: args.test_size]
-    labels = mnist.test_labels[: args.test_size]
+    dataset = read_config(args.model).get("meta", {}).get("dataset", "mnist")
+    data = load_dataset(dataset, args.data_dir, image_size=model.config.input_resize)
+    images = centre_crop(data.test_images[: args.test_size], model.config.image_size)
+    labels = data.test_labels[: args.test_size]
     device = next(model.parameters()).device
-    source = args.data_dir or "the copy shipped with capsfast"
+    source = args.data_dir or ("the copy shipped with capsfast" if dataset == "mnist" else "./data")
     print(
-        f"visualize: model {args.model}: {images.shape[0]:,} MNIST test images ({source}) on "
+        f"visualize: model {args.model}: {images.shape[0]:,} {dataset} test images ({source}) on "
         f"{device}, routing {model.routing}",
         flush=True,
     )

@@ -1,10 +1,16 @@
-"""Use a trained model: turn a person's image into an MNIST-like input, and predict.
+"""Use a trained model: turn a person's image into the input the model expects, and predict.
 
 MNIST digits are light-on-dark, size-normalised to fit a 20x20 box (aspect ratio kept) and placed
 in a 28x28 field with their centre of mass at the centre. `preprocess` does the same to any
 picture of one digit: any size, RGB or grey, with or without alpha, dark-on-light or light-on-dark
 (detected from the border), digit anywhere in the frame. `read_digit` is the one way a file
 becomes model input, for `predict` and the app alike.
+
+Models of other data sets say in their config how a picture becomes their input
+(`prepare_input`, by ModelConfig.input_style): "mnist" as above (MNIST, KMNIST, EMNIST), "fit"
+(Fashion-MNIST: the object's box scaled to fill the frame, centred), "photo" (CIFAR-10, SVHN,
+image folders: RGB or grey, the shorter side resized and the centre cropped, by the same function
+that prepared the training images).
 
 Nothing here needs training code: an exported model (model.safetensors + config.json) is enough.
 """
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from capsfast.errors import UserError, describe_os_error
-from capsfast.export import ModelError, load_model
+from capsfast.export import load_model
 from capsfast.routing import resolve_impl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -49,8 +55,10 @@ __all__ = [
     "load_for_inference",
     "load_model",
     "load_image",
+    "prepare_input",
     "preprocess",
     "preprocess_array",
+    "preprocess_fit",
     "predict",
     "predict_files",
     "read_digit",
@@ -101,16 +109,11 @@ def choose_routing(requested: str, device: torch.device) -> str:
 
 def load_for_inference(model_dir: str | Path, device: str = "auto", routing: str = "auto"):
     """The exported model in `model_dir` on `device` (eval mode), checked before any image is
-    read: the device exists, the routing runs there, the model takes 28x28 grey digits."""
+    read: the device exists, the routing runs there. Any data set's model: its config says how
+    a picture becomes its input (prepare_input)."""
     chosen = choose_device(device)
     impl = choose_routing(routing, chosen)
     model = load_model(model_dir, device=chosen, routing=impl)
-    cfg = model.config
-    if cfg.in_channels != 1 or cfg.image_size != FIELD:
-        raise ModelError(
-            f"{model_dir}: the model takes {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} "
-            f"images; prediction reads 1x{FIELD}x{FIELD} grey digits (an MNIST model)"
-        )
     return model
 
 
@@ -124,6 +127,12 @@ def load_image(source) -> torch.Tensor:
     contrasts with the strokes (white under dark strokes, black under light ones), so a drawing
     on a transparent canvas reads the same whatever its ink colour.
     """
+    return _to_grey(open_image(source))
+
+
+def open_image(source):
+    """A path, PIL image or array [H, W] / [H, W, C] (uint8, or float in [0, 1]) -> PIL image,
+    EXIF orientation applied; an unreadable file is an ImageError that says why."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, (str, Path)):
@@ -148,7 +157,7 @@ def load_image(source) -> torch.Tensor:
             t = (t.clamp(0, 1) * 255).round()
         arr = t.to(torch.uint8).cpu().numpy()
         img = Image.fromarray(arr)
-    return _to_grey(img)
+    return img
 
 
 def _check_image_path(path: Path) -> None:
@@ -266,12 +275,66 @@ def preprocess(source) -> torch.Tensor:
     return preprocess_array(load_image(source))
 
 
-def read_digit(source) -> torch.Tensor:
-    """`preprocess` inside one file's error boundary: whatever reading, converting or checking
-    this one image raises becomes an ImageError that says why, so a file that fails costs that
-    file only. `predict` and the app both read every picture through here."""
+# --- other data sets' inputs ---------------------------------------------------------------------
+
+
+def preprocess_fit(grey: torch.Tensor, size: int = FIELD) -> torch.Tensor:
+    """Grey float [H, W] in [0, 1] -> [1, size, size]: light on dark (polarity from the border,
+    as preprocess_array), the object's bounding box scaled (aspect kept) to fill the frame and
+    centred, as Fashion-MNIST's pictures were made. Raises ImageError for a blank image."""
+    g = grey.float()
+    h, w = g.shape
+    b = max(1, min(h, w) // 20)
+    border = torch.cat([g[:b].flatten(), g[-b:].flatten(), g[:, :b].flatten(), g[:, -b:].flatten()])
+    background = float(border.median())
+    if background > 0.5:
+        g, background = 1.0 - g, 1.0 - background
+    ink = (g - background).clamp_min(0)
+    if float(ink.max()) < MIN_CONTRAST:
+        raise ImageError("blank image: nothing stands out from the background")
+    mask = ink > INK_THRESHOLD * float(ink.max())
+    rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+    crop = g[int(rows[0]) : int(rows[-1]) + 1, int(cols[0]) : int(cols[-1]) + 1] - background
+    ch, cw = crop.shape
+    scale = size / max(ch, cw)
+    nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
+    small = F.interpolate(
+        crop.clamp_min(0)[None, None], size=(nh, nw), mode="bilinear", antialias=True
+    )[0, 0].clamp(0, 1)
+    out = torch.zeros(size, size)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = small
+    return out.unsqueeze(0)
+
+
+def prepare_input(config, source) -> torch.Tensor:
+    """A path, PIL image or array -> the float [C, S, S] input in [0, 1] that a model with
+    ModelConfig `config` expects, by its input_style (see the module docstring)."""
+    from capsfast.data import centre_crop
+    from capsfast.datasets import image_to_tensor
+
+    C, S = config.in_channels, config.image_size
+    if config.input_style == "photo":
+        img = open_image(source)
+        try:
+            x = image_to_tensor(img, C, config.input_resize or S)
+        except Exception as e:  # a mode Pillow cannot convert to RGB or grey
+            raise ImageError(f"cannot convert the {img.mode} image ({e})") from None
+        return centre_crop(x, S).float() / 255.0
+    grey = load_image(source)
+    x = preprocess_fit(grey) if config.input_style == "fit" else preprocess_array(grey)
+    if x.shape[-1] != S:  # a digit-style model at another size
+        x = F.interpolate(x[None], size=(S, S), mode="bilinear", antialias=True)[0].clamp(0, 1)
+    return x.expand(C, S, S).contiguous()
+
+
+def read_digit(source, config=None) -> torch.Tensor:
+    """`preprocess` (or, given the model's ModelConfig, `prepare_input`) inside one file's error
+    boundary: whatever reading, converting or checking this one image raises becomes an
+    ImageError that says why, so a file that fails costs that file only. `predict` and the app
+    both read every picture through here."""
     try:
-        return preprocess(source)
+        return preprocess(source) if config is None else prepare_input(config, source)
     except ImageError:
         raise
     except OSError as e:  # permission denied, I/O error: the file system's words, not PIL's
@@ -297,16 +360,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Prediction:
     labels: torch.Tensor  # [B] int64: the longest capsule
-    lengths: torch.Tensor  # [B, 10]: capsule lengths
-    poses: torch.Tensor  # [B, 10, 16]
-    reconstructions: torch.Tensor  # [B, 1, 28, 28], decoded from the predicted capsule
+    lengths: torch.Tensor  # [B, K]: capsule lengths (K classes; MNIST 10)
+    poses: torch.Tensor  # [B, K, 16]
+    reconstructions: torch.Tensor  # [B, C, S, S] (MNIST [B, 1, 28, 28]), from the predicted capsule
 
 
 @torch.no_grad()
 def predict(
     model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, progress: bool = False
 ) -> Prediction:
-    """Run `model` (eval mode, no grad) over float images [B, 1, 28, 28]; results on the CPU.
+    """Run `model` (eval mode, no grad) over float images [B, C, S, S]; results on the CPU.
 
     progress: show a tqdm bar on stderr (for long evaluations)."""
     from tqdm.auto import tqdm
@@ -368,8 +431,9 @@ class FileResult:
     label: int | None = None
     lengths: list[float] | None = None
     error: str | None = None
-    input: torch.Tensor | None = None  # [1, 28, 28] the MNIST-like image the model saw
-    reconstruction: torch.Tensor | None = None  # [1, 28, 28]
+    input: torch.Tensor | None = None  # [C, S, S] the image the model saw (MNIST: [1, 28, 28])
+    reconstruction: torch.Tensor | None = None  # [C, S, S]
+    class_name: str | None = None  # the model's name for `label` (MNIST: "7 - seven")
 
     @property
     def ok(self) -> bool:
@@ -385,13 +449,14 @@ def predict_files(
     others are unaffected.
     """
     files = expand_paths(paths)
+    config = model.config
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         results = [FileResult(path) for path in chunk]
         good, tensors = [], []
         for r in results:
             try:
-                tensors.append(read_digit(r.path))
+                tensors.append(read_digit(r.path, config))
                 good.append(r)
             except ImageError as e:  # read_digit turns every failure of this file into one
                 r.error = str(e)
@@ -400,6 +465,7 @@ def predict_files(
             pred = predict(model, batch, batch_size)
             for i, r in enumerate(good):
                 r.label = int(pred.labels[i])
+                r.class_name = config.labels[r.label]
                 r.lengths = [float(v) for v in pred.lengths[i]]
                 r.input = batch[i]
                 r.reconstruction = pred.reconstructions[i]
@@ -413,10 +479,19 @@ def _save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
     from PIL import Image
 
     arr = to_uint8(image.squeeze(0)).numpy()
+    if arr.ndim == 3:  # colour [3, H, W] -> [H, W, 3]
+        arr = arr.transpose(1, 2, 0)
     img = Image.fromarray(arr, mode="L") if arr.ndim == 2 else Image.fromarray(arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     img.save(path)
+
+
+def prediction_line(r: FileResult) -> str:
+    """`path: 3 (cat)  (lengths 0-9: ...)`: the class index, its name when that says more."""
+    lengths = " ".join(f"{v:.3f}" for v in r.lengths)
+    name = "" if r.class_name in (None, str(r.label)) else f" ({r.class_name})"
+    return f"{r.path}: {r.label}{name}  (lengths 0-{len(r.lengths) - 1}: {lengths})"
 
 
 RECONSTRUCTIONS = "reconstructions"  # default --save-reconstructions folder, inside the model's
@@ -494,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         record: dict = {"path": str(r.path)}
         if r.ok:
             record["label"] = r.label
+            record["class_name"] = r.class_name
             record["lengths"] = [round(v, 6) for v in r.lengths]
             if recon_dir is not None:
                 stem = r.path.stem
@@ -512,8 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(record), flush=True)
         elif r.ok:
-            lengths = " ".join(f"{v:.3f}" for v in r.lengths)
-            print(f"{r.path}: {r.label}  (lengths 0-9: {lengths})", flush=True)
+            print(prediction_line(r), flush=True)
         else:
             print(f"predict: error: {r.path}: {r.error}", file=sys.stderr, flush=True)
     if failed and not args.json:

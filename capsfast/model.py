@@ -3,6 +3,11 @@
 image [B,1,28,28] -> Conv1 (256, 9x9, ReLU) -> PrimaryCaps (32 types x 8D on a 6x6 grid)
   -> DigitCaps (W_ij per pair, routing, bias) -> 10 capsules of 16D
   -> decoder (masked capsule -> 512 -> 1024 -> 784, sigmoid)
+
+Other data sets configure the same network from the data (ModelConfig): C input channels, an
+S x S image (the primary grid and so the number of input capsules follow), K classes, a decoder
+that reconstructs C x S x S; the paper's CIFAR-10 variant adds 64 primary types and a "none of
+the above" routing capsule (section 7; `none_class`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsfast.data import INPUT_STYLES, MNIST_CLASSES
 from capsfast.routing import IMPLS, implementation, resolve_impl, safe_norm, squash
 
 
@@ -33,6 +39,48 @@ class ModelConfig:
     detach_inner: bool = False
     w_init_std: float = 0.01  # SPEC: small normal; N(0, 1) slows training
     decoder_hidden: tuple[int, int] = (512, 1024)
+    # One more capsule in the routing softmax that is no class (the paper's CIFAR-10 "none of
+    # the above"): DigitCaps routes to num_classes + 1 capsules; lengths, poses, the losses, the
+    # prediction and the decoder see the num_classes real ones only.
+    none_class: bool = False
+    # What the model's classes and inputs are, so that an export can be used on its own (predict,
+    # the app, figures). class_names None: MNIST's (exports that predate class names).
+    # input_style: how predict prepares a picture (capsfast.data.INPUT_STYLES); input_resize:
+    # photo style, the square size a picture is resized to before the centre image_size crop
+    # (the data's size when the model trained on crops; None: image_size).
+    class_names: tuple[str, ...] | None = None
+    input_style: str = "mnist"
+    input_resize: int | None = None
+
+    def __post_init__(self):
+        if self.class_names is not None:
+            self.class_names = tuple(str(c) for c in self.class_names)
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(
+                    f"{len(self.class_names)} class names for num_classes={self.num_classes}"
+                )
+        if self.input_style not in INPUT_STYLES:
+            raise ValueError(f"input_style must be one of {INPUT_STYLES}, got {self.input_style!r}")
+        if self.primary_grid < 1:
+            raise ValueError(
+                f"a {self.image_size}x{self.image_size} input is too small for CapsNet's two "
+                f"{self.kernel_size}x{self.kernel_size} convolutions: it needs at least "
+                f"{3 * self.kernel_size - 2} pixels"
+            )
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The class names (MNIST's digits for a 10-class model without names, else "0".."K-1")."""
+        if self.class_names is not None:
+            return self.class_names
+        if self.num_classes == len(MNIST_CLASSES):
+            return MNIST_CLASSES
+        return tuple(str(k) for k in range(self.num_classes))
+
+    @property
+    def routed_capsules(self) -> int:
+        """J: the capsules DigitCaps routes to (the classes, plus the none-of-the-above one)."""
+        return self.num_classes + int(self.none_class)
 
     @property
     def primary_grid(self) -> int:
@@ -46,6 +94,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["decoder_hidden"] = list(self.decoder_hidden)
+        if self.class_names is not None:
+            d["class_names"] = list(self.class_names)
         return d
 
     @classmethod
@@ -63,7 +113,8 @@ class ModelConfig:
 class CapsNetOutput:
     lengths: torch.Tensor  # [B, num_classes]: capsule lengths, the class probabilities
     poses: torch.Tensor  # [B, num_classes, digit_dim]: the DigitCaps outputs v
-    # [B, C, H, W] in [0, 1]; [B, K, C, H, W] when forward got K labels per image (MultiMNIST)
+    # [B, C, S, S] in [0, 1] (MNIST: [B, 1, 28, 28]); [B, K, C, S, S] when forward got K labels
+    # per image (MultiMNIST)
     reconstructions: torch.Tensor
 
     @property
@@ -95,13 +146,11 @@ class DigitCaps(nn.Module):
         super().__init__()
         self.iterations = cfg.routing_iters
         self.detach_inner = cfg.detach_inner
+        J = cfg.routed_capsules
         self.W = nn.Parameter(
-            torch.randn(cfg.num_primary, cfg.num_classes, cfg.digit_dim, cfg.primary_dim)
-            * cfg.w_init_std
+            torch.randn(cfg.num_primary, J, cfg.digit_dim, cfg.primary_dim) * cfg.w_init_std
         )
-        self.bias = (
-            nn.Parameter(torch.zeros(cfg.num_classes, cfg.digit_dim)) if cfg.digit_bias else None
-        )
+        self.bias = nn.Parameter(torch.zeros(J, cfg.digit_dim)) if cfg.digit_bias else None
         self.set_routing("auto")
 
     def set_routing(self, impl: str) -> None:
@@ -171,12 +220,14 @@ class CapsNet(nn.Module):
         return self.digit.routing
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 1, 28, 28] in [0, 1] -> poses v [B, num_classes, digit_dim]."""
+        """images [B, C, S, S] in [0, 1] -> poses v [B, num_classes, digit_dim] (the
+        none-of-the-above capsule, if any, is routed to and then dropped)."""
         x = F.relu(self.conv1(images))
-        return self.digit(self.primary(x))
+        v = self.digit(self.primary(x))
+        return v[:, : self.config.num_classes] if self.config.none_class else v
 
     def decode(self, poses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Reconstruct [B, 1, 28, 28] from poses [B, J, D], masked to `labels` [B]."""
+        """Reconstruct [B, C, S, S] from poses [B, num_classes, D], masked to `labels` [B]."""
         return self.decoder(poses, labels)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:

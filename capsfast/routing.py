@@ -46,19 +46,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_route_args(u_hat: torch.Tensor, iterations: int, bias: torch.Tensor | None) -> None:
+def check_route_args(
+    u_hat: torch.Tensor, iterations: int, bias: torch.Tensor | None, op: str = "route"
+) -> None:
+    """What every routing implementation needs of its arguments (the Triton entry adds its own)."""
     if u_hat.dim() != 4:
         raise ValueError(
-            f"route: u_hat must be [B, I, J, D] (batch, input capsules, output capsules, "
+            f"{op}: u_hat must be [B, I, J, D] (batch, input capsules, output capsules, "
             f"output dims); got shape {tuple(u_hat.shape)}"
         )
     if not u_hat.is_floating_point():
-        raise TypeError(f"route: u_hat must be a floating-point tensor, got {u_hat.dtype}")
+        raise TypeError(f"{op}: u_hat must be a floating-point tensor, got {u_hat.dtype}")
     if int(iterations) < 1:
-        raise ValueError(f"route: iterations must be >= 1, got {iterations}")
+        raise ValueError(f"{op}: iterations must be >= 1, got {iterations}")
     if bias is not None and tuple(bias.shape) != tuple(u_hat.shape[2:]):
         raise ValueError(
-            f"route: bias must be [J, D] = {list(u_hat.shape[2:])}, got {list(bias.shape)}"
+            f"{op}: bias must be [J, D] = {list(u_hat.shape[2:])}, got {list(bias.shape)}"
         )
 
 
@@ -118,23 +121,24 @@ def route(
     impl: str = "torch",
 ) -> torch.Tensor:
     """Route u_hat [B, I, J, D] to v [B, J, D] (dtype of u_hat); bias is [J, D] or None."""
-    _check_route_args(u_hat, iterations, bias)
     impl = resolve_impl(impl, u_hat.device)
-    if impl == "torch":
-        return route_torch(u_hat, int(iterations), bias, detach_inner)
-    if impl == "triton":
+    if impl == "triton":  # route_triton checks its arguments (these and the kernels' own)
         from capsfast.kernels.routing import route_triton
 
-        return route_triton(u_hat, int(iterations), bias=bias, detach_inner=detach_inner)
+        return route_triton(u_hat, iterations, bias=bias, detach_inner=detach_inner)
+    check_route_args(u_hat, iterations, bias)
+    if impl == "torch":
+        return route_torch(u_hat, int(iterations), bias, detach_inner)
     raise ValueError(
         "route: impl='fused' needs W and u, not u_hat: call digit_caps(u, W, ..., impl='fused')"
     )
 
 
-def _check_digit_caps_args(u: torch.Tensor, W: torch.Tensor) -> None:
+def check_digit_caps_args(u: torch.Tensor, W: torch.Tensor, op: str = "digit_caps") -> None:
+    """What every DigitCaps implementation needs of u and W (the fused entry adds its own)."""
     if u.dim() != 3 or W.dim() != 4 or u.shape[1] != W.shape[0] or u.shape[2] != W.shape[3]:
         raise ValueError(
-            f"digit_caps: u must be [B, I, Din] and W [I, J, D, Din]; got u {tuple(u.shape)}, "
+            f"{op}: u must be [B, I, Din] and W [I, J, D, Din]; got u {tuple(u.shape)}, "
             f"W {tuple(W.shape)}"
         )
 
@@ -155,9 +159,10 @@ def digit_caps(
     impl: str = "torch",
 ) -> torch.Tensor:
     """DigitCaps: u [B, I, Din] and W [I, J, D, Din] to v [B, J, D] in u's dtype."""
-    _check_digit_caps_args(u, W)
-    run = implementation(resolve_impl(impl, u.device))
-    return run(u, W, int(iterations), bias=bias, detach_inner=detach_inner)
+    impl = resolve_impl(impl, u.device)
+    if impl != "fused":  # digit_caps_fused checks its arguments (these and the kernels' own)
+        check_digit_caps_args(u, W)
+    return implementation(impl)(u, W, int(iterations), bias=bias, detach_inner=detach_inner)
 
 
 def implementation(impl: str) -> Callable[..., torch.Tensor]:

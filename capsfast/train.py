@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from capsfast import runtime
+from capsfast import memory, runtime
 from capsfast.checkpoint import (
     GoodState,
     StopRequest,
@@ -32,13 +32,17 @@ from capsfast.checkpoint import (
 )
 from capsfast.config import TrainConfig
 from capsfast.data import (
-    MNIST,
+    DataError,
+    Dataset,
     TrainBatches,
+    centre_crop,
+    choose_placement,
+    default_val_size,
     epoch_permutation,
-    load_mnist,
     split_train_val,
     to_float,
 )
+from capsfast.datasets import load_dataset
 from capsfast.ema import EMA
 from capsfast.errors import Interrupted, UserError, describe_os_error
 from capsfast.export import load_model, read_config, save_model
@@ -118,10 +122,12 @@ def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | No
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
     quiet = desc is None or not accelerator.is_local_main_process
     for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False, disable=quiet):
-        x = to_float(images[start : min(hi, start + batch_size)])
+        # .to: a no-op for data on the device; streamed data's evaluation sets stay on the host.
+        x = to_float(images[start : min(hi, start + batch_size)].to(accelerator.device))
         with accelerator.autocast():
             lengths = model(x).lengths
-        correct += (lengths.argmax(1) == labels[start : start + x.shape[0]]).sum()
+        y = labels[start : start + x.shape[0]].to(accelerator.device)
+        correct += (lengths.argmax(1) == y).sum()
     model.train(was_training)
     counts = torch.stack([correct, torch.tensor(hi - lo, device=accelerator.device)])
     counts = accelerator.reduce(counts, reduction="sum")
@@ -317,25 +323,70 @@ def log_reconstructions(accelerator, model, images, step: int, n: int = 16) -> N
     from capsfast import tracking
 
     with torch.no_grad(), accelerator.autocast():
-        x = to_float(images[:n])
+        x = to_float(images[:n].to(accelerator.device))
         rec = model(x).reconstructions.float()
     grid = make_grid(torch.cat([x, rec]).cpu(), nrow=n, padding=2)
     tracking.log_images(accelerator, {"reconstructions": grid.permute(1, 2, 0).numpy()}, step)
 
 
-def prepare_model(model_cfg: ModelConfig, cfg: TrainConfig, accelerator):
+def prepare_model(model_cfg: ModelConfig, cfg: TrainConfig, accelerator, local_batch=None):
     """(model as trained: prepared, maybe compiled or DDP-wrapped; the CapsNet itself, which is
-    what gets saved and exported; optimiser; EMA or None)."""
-    model = CapsNet(model_cfg).to(accelerator.device)
-    model.set_routing(runtime.choose_routing(cfg.routing, accelerator.device, accelerator))
+    what gets saved and exported; optimiser; EMA or None). `--routing auto` weighs the model's
+    memory at this process's batch (capsfast.memory.auto_routing)."""
+    device = accelerator.device
+    model = CapsNet(model_cfg).to(device)
+    requested = cfg.routing
+    if requested == "auto":
+        local_batch = local_batch or cfg.batch_size // accelerator.num_processes
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        requested = memory.auto_routing(model_cfg, local_batch, device.type, free)
+        if requested == "fused":
+            need = memory.step_peak_bytes(model_cfg, local_batch, "triton") / 2**30
+            accelerator.print(
+                f"capsfast: --routing auto: a step that stores u_hat needs about {need:.1f} GiB "
+                f"at batch {local_batch}, more than fits in the {free / 2**30:.1f} GiB free; "
+                "using the fused DigitCaps, which never stores it"
+            )
+    model.set_routing(runtime.choose_routing(requested, device, accelerator))
     optimizer = build_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     prepared, optimizer = accelerator.prepare(model, optimizer)
     return prepared, accelerator.unwrap_model(prepared, keep_torch_compile=False), optimizer, ema
 
 
+def model_config_for(data: Dataset, cfg: TrainConfig) -> ModelConfig:
+    """The model the data configures: its channels, its size (after --crop), its classes and
+    how predict prepares a picture for it; the rest from the flags."""
+    try:
+        return ModelConfig(
+            in_channels=data.channels, image_size=cfg.crop or data.image_size,
+            num_classes=data.num_classes, primary_types=cfg.primary_types,
+            none_class=cfg.none_class, routing_iters=cfg.routing_iters,
+            detach_inner=cfg.detach_inner, class_names=data.class_names, input_style=data.style,
+            input_resize=data.image_size if data.style == "photo" else None,
+        )  # fmt: skip
+    except ValueError as e:
+        raise DataError(
+            f"--dataset {data.name}: {e} (pass a smaller --crop, or a larger --image-size for "
+            "folder: data sets)"
+        ) from None
+
+
+def data_line(data: Dataset, cfg: TrainConfig, n_train, n_val, n_test, flip, placement) -> str:
+    """The banner's line about the data: what, how much, augmentation, where it lives."""
+    c, s = data.channels, data.image_size
+    aug = [f"shifts of up to {cfg.max_shift} px"] if cfg.max_shift else []
+    aug += [f"random {cfg.crop}x{cfg.crop} crops (test: centre)"] if cfg.crop else []
+    aug += ["horizontal flips"] if flip else []
+    capped = " (--val-size capped at a tenth)" if n_val < min(cfg.val_size, 10**12) else ""
+    where = "on the device" if placement == "device" else "streamed from host memory"
+    return (f"{data.name}: {c}x{s}x{s} uint8 images, {data.num_classes} classes; {n_train:,} "
+            f"train, {n_val:,} validation{capped}, {n_test:,} test; augmentation: "
+            f"{', '.join(aug) or 'none'}; data {where}")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- the run
-def train(cfg: TrainConfig, data: MNIST | None = None) -> dict:
+def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     """Train as `cfg` says; returns the summary (also written to summary.json), or
     {"stopped": True, ...} when a signal stopped the run after saving a checkpoint.
 
@@ -351,7 +402,7 @@ def train(cfg: TrainConfig, data: MNIST | None = None) -> dict:
         ) from None
 
 
-def run_training(cfg: TrainConfig, data: MNIST | None) -> dict:
+def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     from accelerate.utils import set_seed
 
     from capsfast import tracking
@@ -362,20 +413,34 @@ def run_training(cfg: TrainConfig, data: MNIST | None) -> dict:
     out = make_output_dir(cfg.output_dir, acc)
     set_seed(cfg.seed)
 
-    # Data: everything on the device as uint8, for the whole run (data.py).
+    # Data: uint8 [N, C, S, S] on the device for the whole run, or in host memory and streamed
+    # to it in chunks when it is too large for it; augmentation on the device (data.py).
     with acc.main_process_first():
-        mnist = data if data is not None else load_mnist(cfg.data_dir, download=cfg.download)
-    mnist = mnist.to(device)
-    (train_x, train_y), (val_x, val_y) = split_train_val(mnist, cfg.val_size, seed=cfg.seed)
-    test_x, test_y = mnist.test_images[: cfg.test_size], mnist.test_labels[: cfg.test_size]
+        data = data if data is not None else load_dataset(
+            cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size, cfg.test_fraction,
+            warn=lambda m: acc.print(f"capsfast: warning: {m}"))  # fmt: skip
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    placement = choose_placement(cfg.data_placement, data.nbytes(), device.type, free)
+    if placement == "device":
+        data = data.to(device)
+    if cfg.crop > data.image_size:
+        raise DataError(f"--crop {cfg.crop} is larger than the {data.image_size}-pixel images "
+                        f"of {data.name}: choose at most {data.image_size}")  # fmt: skip
+    val_size = default_val_size(cfg.val_size, len(data.train_images))
+    (train_x, train_y), (val_x, val_y) = split_train_val(data, val_size, seed=cfg.seed)
+    test_x, test_y = data.test_images[: cfg.test_size], data.test_labels[: cfg.test_size]
+    if cfg.crop:  # evaluation sees the centre crop
+        val_x, test_x = centre_crop(val_x, cfg.crop), centre_crop(test_x, cfg.crop)
+    flip = data.flips if cfg.flip is None else cfg.flip
     batches = TrainBatches(train_x, train_y, cfg.batch_size, cfg.seed, cfg.max_shift,
-                           rank=acc.process_index, world_size=world)  # fmt: skip
+                           rank=acc.process_index, world_size=world, crop=cfg.crop, flip=flip,
+                           stream=placement == "stream", device=device)  # fmt: skip
     steps_per_epoch = batches.steps_per_epoch
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    # Model, optimiser, EMA, and what a checkpoint holds.
-    model_cfg = ModelConfig(routing_iters=cfg.routing_iters, detach_inner=cfg.detach_inner)
-    model, raw_model, optimizer, ema = prepare_model(model_cfg, cfg, acc)
+    # Model (configured from the data), optimiser, EMA, and what a checkpoint holds.
+    model_cfg = model_config_for(data, cfg)
+    model, raw_model, optimizer, ema = prepare_model(model_cfg, cfg, acc, batches.local_batch)
     eval_model = ema.module if ema is not None else raw_model  # validated, exported, tested
     state = TrainState()
     for obj in (state, ema):
@@ -384,7 +449,8 @@ def run_training(cfg: TrainConfig, data: MNIST | None) -> dict:
     stateful = {"model": raw_model, "optimizer": optimizer, "state": state}
     stateful.update({"ema": ema} if ema is not None else {})
     identity = {"model": model_cfg.to_dict(),
-                "data": {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_size": cfg.val_size}}  # fmt: skip
+                "data": {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_size": val_size,
+                         "dataset": data.name}}  # fmt: skip
     initial = GoodState()  # a failed half-load must not leak into a fresh start
     initial.take(0, **stateful)
     resumed = resume(acc, cfg.resume, out, identity, lambda: initial.restore(**stateful))
@@ -393,7 +459,9 @@ def run_training(cfg: TrainConfig, data: MNIST | None) -> dict:
     config_record = {**cfg.to_dict(), "model": model_cfg.to_dict(), "resolved": {
         "mixed_precision": mixed_precision, "compile": compiled, "routing": raw_model.routing,
         "world_size": world, "lr_scaled": cfg.scaled_lr(), "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps, "train_size": len(train_x), "parameters": parameters}}  # fmt: skip
+        "total_steps": total_steps, "train_size": len(train_x), "parameters": parameters,
+        "dataset": data.name, "class_names": list(data.class_names), "val_size": val_size,
+        "flip": flip, "data_placement": placement}}  # fmt: skip
     use_wandb = bool(acc.log_with) and tracking.init_tracking(
         acc, config_record, cfg.wandb_project, str(out), out.name
     )
@@ -401,12 +469,10 @@ def run_training(cfg: TrainConfig, data: MNIST | None) -> dict:
         (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
         # Rewritten from the checkpoint's records, so a resumed run has no duplicate lines.
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.records))
-    source = "given by the caller" if data is not None else cfg.data_dir or "shipped with capsfast"
     acc.print(
         f"capsfast: CapsNet, {parameters:,} parameters; routing {raw_model.routing}, "
         f"{cfg.routing_iters} iterations{' (detach_inner)' if cfg.detach_inner else ''}\n"
-        f"capsfast: MNIST ({source}): {len(train_x):,} train, {len(val_x):,} validation, "
-        f"{len(test_x):,} test images\n"
+        f"capsfast: {data_line(data, cfg, len(train_x), len(val_x), len(test_x), flip, placement)}\n"
         f"capsfast: {world} process{'es' if world > 1 else ''} on {runtime.describe_device(acc)}, "
         f"{runtime.PRECISION_NAMES[mixed_precision]}, compile {'on' if compiled else 'off'}\n"
         f"capsfast: {total_steps:,} steps ({total_steps / steps_per_epoch:.3g} epochs of "
@@ -414,7 +480,8 @@ def run_training(cfg: TrainConfig, data: MNIST | None) -> dict:
         f"({cfg.schedule}); output in {out}"
         + (f"\ncapsfast: resumed from {resumed} at step {state.step}" if resumed else "")
     )
-    meta = {"run_id": state.run_id, "preset": cfg.preset, "seed": cfg.seed, "commit": git_commit()}
+    meta = {"run_id": state.run_id, "preset": cfg.preset, "seed": cfg.seed, "commit": git_commit(),
+            "dataset": data.name}  # fmt: skip
     end_context = dict(acc=acc, cfg=cfg, eval_model=eval_model, val_x=val_x, val_y=val_y,
                        state=state, out=out, meta=meta, optimizer=optimizer,
                        steps_per_epoch=steps_per_epoch)  # fmt: skip
@@ -509,6 +576,7 @@ def run_training(cfg: TrainConfig, data: MNIST | None) -> dict:
                     "mixed_precision": mixed_precision,
                     "precision": runtime.PRECISION_NAMES[mixed_precision],
                     "routing": raw_model.routing, "parameters": parameters,
+                    "dataset": data.name, "class_names": list(data.class_names),
                     "config": config_record},
             )  # fmt: skip
     except Stopped as e:  # a stop request during the end of the run: the checkpoint is saved

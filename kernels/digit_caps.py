@@ -5,7 +5,7 @@
 u_hat[b, i, j, d] = sum_k W[i, j, d, k] u[b, i, k] is never stored: every pass over the input
 capsules rebuilds its tile of u_hat from W and u in registers (Din multiply-adds per element), so
 device memory sees only u, W, v, du, dW and a few [B, J, D] tensors. The recurrences are those of
-../shared/ROUTING.md (forward, full-gradient backward, detach_inner backward):
+docs/routing.md (forward, full-gradient backward, detach_inner backward):
 
     forward, t = 1..T (one pass over i each, then a tiny finishing step per sample)
         c_t[i,j]  = softmax_j <u_hat[i,j], V_{t-1}[j]>        # V_{t-1} = v_1 + ... + v_{t-1}
@@ -18,126 +18,136 @@ device memory sees only u, W, v, du, dW and a few [B, J, D] tensors. The recurre
     then du[b,i,k] = sum_{j,d} W[i,j,d,k] dL/du_hat[b,i,j,d]   (on chip, per sample)
          dW[i,j,d,k] = sum_b dL/du_hat[b,i,j,d] u[b,i,k]       (fp32 registers, whole batch)
          dbeta = sum_{b,t} G_t  (detach_inner: sum_b G_T)
+The routing math on chip (coupling, softmax_bwd, squash, logit_grad, u_hat_grad_step) and the
+per-sample finishing kernels are those of the routing op, shared in kernels/common.py.
 
-(The logit term of dL/du_hat is ROUTING.md's sum_{t<T} Bbar_t v_t regrouped: b_{t-1} = <u_hat,
-V_{t-1}>, so P_t V_{t-1} summed over t is the same sum, computed in one forward sweep over t.)
+Loads and the contraction. W is read as [BLOCK_I, Din, J D] tiles whose Din axis is contiguous
+in memory (16-byte vector copies; on the GPU cp.async into shared memory, one chunk ahead of the
+math) and u as [BLOCK_I, BLOCK_B, Din] rows. u_hat = u W is then one [BLOCK_B, Din] x [Din, J D]
+product per input capsule: tl.dot in exact fp32 (input_precision="ieee": register-blocked fused
+multiply-adds, not TF32), whose result lands in the layout the routing math reduces over (no
+layout conversion inside the loops). Operands are upcast to fp32 first (bf16 u with an fp32 master
+W; bf16 tl.dot is also wrong under triton 3.8's interpreter). Din, J D and the last pass's sample
+block are padded with masked zeros to the dot's minimum K (16 in triton 3.6, 8 in 3.8).
 
-Grid of the routing passes (forward t = 1..T, backward t = T..2): (i-slice, sample block). A
-program owns I_PER_PROG input capsules and BLOCK_B samples; it walks its i-slice in chunks of
-BLOCK_I, loads each chunk of W once and applies it to all BLOCK_B samples at once, so W is read
-once per sample block per pass (not once per sample). The [J, D] sums over i are written per
-i-slice to a partials buffer [n_slices, B, J, D] and summed in a fixed order by a small
-finishing kernel (one program per block of samples): deterministic, no atomics.
-Grid of the last backward pass: (i-slice,). There is no sum over i left (du is per (b, i)), only
-dW's sum over the batch, so a program owns an i-slice and walks every sample block for each
-chunk, accumulating the chunk's dW in fp32 registers and writing it once: no partials for dW.
+Routing passes (forward t = 1..T, backward t = T..2): grid (i-slice, sample block). A program
+owns I_PER_PROG input capsules and BLOCK_B samples: it loads its samples' state (V_{t-1}; in the
+backward V_{tau-1} and G_tau for tau >= t) once, then walks its i-slice in chunks of BLOCK_I,
+loading each chunk of W once and applying it to all its samples. W is thus read once per sample
+block and pass (from L2: 5.9 MB fp32 at the paper shape), u once per pass. The [J, D] sums over i
+are written per i-slice to a partials buffer [n_slices, B, J, D] and summed in a fixed order by
+the finishing kernel (kernels/common.py): deterministic, no atomics.
+
+Last backward pass: grid (i-chunk,). There is no sum over i left (du is per (b, i)), only dW's
+sum over the batch: a program owns BLOCK_I input capsules, loads their W once and keeps it and
+their dW accumulator on chip while it walks every sample block; each block's state is loaded once
+per program (so every sample's state, 4 (2T - 1) J D bytes, is read I / BLOCK_I times in all, from
+L2), du written once, dW written once at the end. Never a [B, I, J, D, Din] temporary, no partials, no atomics.
+
+Bytes and FLOPs: each kernel's comment block states its own, for the whole batch (Q = B I Din
+values of u of e_u bytes, Wn = I J D Din values of W of e_w bytes, E = B I J D values of u_hat,
+m = B J D, fp32 state; nb sample blocks, nc last-pass programs); `pass_costs` adds them up for a
+shape (the model is kernels.common.pass_costs) and bench/test_routing.py records them. Forming
+u_hat costs 2 E Din FLOPs per pass (6 E Din in the last: u_hat, du, dW), against about Q e_u +
+Wn e_w bytes from HBM: the passes are compute-bound on the GPU, their HBM traffic near compulsory
+(u, W, v, du, dW). Under triton 3.6 an fp32 tl.dot needs K >= 16, so Din = 8 is padded to 16 and
+the contraction issues twice its FLOPs (3.8 accepts K = 8).
 
 All arithmetic is fp32 whatever the input dtypes (loads are upcast); v comes back in u's dtype,
 du in u's, dW in W's and dbeta in bias's dtype, so an fp32 master W works with bf16/fp16 u.
-Din is at most 16 and the contraction over it is a static loop of broadcast multiply-adds: no
-tl.dot (Din = 8 is under its GPU minimum of 16, and fp32 tl.dot would be TF32).
 
 Saved for backward: s_t and V_{t-1} for every t, [T, B, J, D] fp32 each; u, W, bias themselves.
 
 Wrapped as the custom op capsfast::digit_caps (+ capsfast::digit_caps_backward) with fake and
 autograd registrations, so it passes torch.library.opcheck and torch.compile. On CPU it runs only
 under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
+
+Autocast (both ops, this one and capsfast::route): no autocast kernel is registered. Autocast's
+fallthrough then hands the op its inputs as they are (bf16 u with the fp32 master W, a bf16 u_hat
+with an fp32 bias), exactly as the reference sees them: the op computes in fp32 itself and returns
+u's (u_hat's) dtype, on CPU and CUDA alike. torch.library.register_autocast cannot express that:
+it casts every floating input to one dtype (W to bf16, or u to fp32, changing both the result
+and the bytes read). Nothing the ops run on the host is on an autocast cast list (the math is in
+the Triton kernels; the host only allocates and sums fp32).
 """
 
-# ruff: noqa: E741  (B, I, J, D, Din: the sizes as ROUTING.md and SPEC.md name them)
+# ruff: noqa: E741  (B, I, J, D, Din: the sizes as docs/routing.md and docs/spec.md name them)
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
-from capsfast.kernels.common import buffer, check_device, interpreted, sm_count
+from capsfast.kernels import common
+from capsfast.kernels.common import (
+    buffer,
+    bwd_finish_kernel,
+    coupling,
+    finish_block,
+    fwd_finish_kernel,
+    interpreted,
+    load_rows,
+    load_state,
+    logit_grad,
+    store_rows,
+    u_hat_grad_step,
+)
 from torch import Tensor
+
+from capsfast.routing import SQUASH_EPS, check_digit_caps_args
 
 MAX_JD = 32  # J and D up to 32 each
 MAX_DIN = 16
-_SQUASH_EPS = 1e-8  # capsfast.routing.SQUASH_EPS
 
 # ----------------------------------------------------------------------------------------------
-# Small on-chip helpers
+# Tiles of W and u, and the pose transform in registers
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _pose_tile(
-    u_ptr, W_ptr, offs_b, offs_i, offs_j, offs_d, b_ok, i_ok, j_ok, d_ok, I, J, D,
-    K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
-    DP: tl.constexpr,
-):  # fmt: skip
-    """u_hat[b, i, j, d] = sum_k W[i, j, d, k] u[b, i, k] for a [BLOCK_B, BLOCK_I, JP, DP] tile,
-    in fp32 registers; zero outside the valid (b, i, j, d) range."""
-    w_rows = ((offs_i[:, None, None] * J + offs_j[None, :, None]) * D + offs_d[None, None, :]) * K
-    w_ok = i_ok[:, None, None] & j_ok[None, :, None] & d_ok[None, None, :]
-    u_rows = (offs_b[:, None] * I + offs_i[None, :]) * K
-    u_ok = b_ok[:, None] & i_ok[None, :]
-    u_hat = tl.zeros((BLOCK_B, BLOCK_I, JP, DP), dtype=tl.float32)
-    for k in tl.static_range(K):
-        w_k = tl.load(W_ptr + w_rows + k, mask=w_ok, other=0.0).to(tl.float32)  # [BI, JP, DP]
-        u_k = tl.load(u_ptr + u_rows + k, mask=u_ok, other=0.0).to(tl.float32)  # [BB, BI]
-        u_hat += w_k[None, :, :, :] * u_k[:, :, None, None]
-    return u_hat
+def _w_tile(offs_i, I, J, D, K: tl.constexpr, KD: tl.constexpr, JP: tl.constexpr,
+            DP: tl.constexpr):  # fmt: skip
+    """Offsets and mask of W[offs_i] as [BI, KD, JP * DP], the right operand of u_hat = u W:
+    column n = j * DP + d is the row W[i, j, d, :] (Din = K contiguous values in memory,
+    zero-padded to KD)."""
+    offs_k = tl.arange(0, KD)
+    offs_n = tl.arange(0, JP * DP)
+    j, d = offs_n // DP, offs_n % DP
+    rows = (offs_i[:, None] * J + j[None, :]) * D + d[None, :]  # [BI, N]
+    row_ok = (offs_i < I)[:, None] & ((j < J) & (d < D))[None, :]
+    offs = rows[:, None, :] * K + offs_k[None, :, None]
+    return offs, row_ok[:, None, :] & (offs_k < K)[None, :, None]
 
 
 @triton.jit
-def _coupling(u_hat, V, j_ok):
-    """c[b, i, j] = softmax_j <u_hat[b, i, j], V[b, j]>: the routing logits recomputed from the
-    running sum V of the outputs (never stored). Padded j get c = 0."""
-    logits = tl.sum(u_hat * V[:, None, :, :], axis=3)
-    logits = tl.where(j_ok[None, None, :], logits, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    return e / tl.sum(e, axis=2)[:, :, None]
+def _u_tile(offs_b, b_ok, offs_i, I, K: tl.constexpr, KD: tl.constexpr):
+    """Offsets and mask of u[offs_b, offs_i] as [BI, BB, KD], the left operand of u_hat = u W:
+    rows of Din = K contiguous values, zero-padded to KD."""
+    offs_k = tl.arange(0, KD)
+    rows = offs_b[None, :] * I + offs_i[:, None]  # [BI, BB]
+    ok = (offs_i < I)[:, None] & b_ok[None, :]
+    offs = rows[:, :, None] * K + offs_k[None, None, :]
+    return offs, ok[:, :, None] & (offs_k < K)[None, None, :]
 
 
 @triton.jit
-def _softmax_bwd(c, u_hat, G):
-    """P[b, i, j] = c (gamma - sum_j c gamma), gamma = <u_hat, G>: dL/dlogits of one iteration."""
-    gamma = tl.sum(u_hat * G[:, None, :, :], axis=3)
-    return c * (gamma - tl.sum(c * gamma, axis=2)[:, :, None])
+def _pose(u, w, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
+          DP: tl.constexpr):  # fmt: skip
+    """u_hat[b, i, j, d] = sum_k W[i, j, d, k] u[b, i, k] from the tiles u [BI, BB, KD] and
+    w [BI, KD, JP * DP] (fp32): one [BB, KD] x [KD, J D] product per input capsule, in exact
+    fp32 (input_precision="ieee": fused multiply-adds, not TF32) -> [BB, BI, JP, DP]."""
+    u_hat = tl.dot(u, w, input_precision="ieee")  # [BI, BB, JP * DP]
+    return tl.permute(tl.reshape(u_hat, (BLOCK_I, BLOCK_B, JP, DP)), (1, 0, 2, 3))
 
 
 @triton.jit
-def _squash(s, EPS: tl.constexpr):
-    """v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) over the last axis (capsfast.squash)."""
-    n2 = tl.sum(s * s, axis=2)[:, :, None]
-    return (n2 / (1.0 + n2)) * s / tl.sqrt(n2 + EPS)
-
-
-@triton.jit
-def _squash_bwd(s, g, EPS: tl.constexpr):
-    """dL/ds for v = f(n2) s with f = n2 / ((1 + n2) sqrt(n2 + eps)):
-    f g + 2 f'(n2) <s, g> s, with f' = a r (a - n2 r^2 / 2), a = 1/(1 + n2), r = 1/sqrt(n2 + eps).
-    Finite at s = 0 (the eps of capsfast.squash), equal to autograd through it."""
-    n2 = tl.sum(s * s, axis=2)[:, :, None]
-    a = 1.0 / (1.0 + n2)
-    r = 1.0 / tl.sqrt(n2 + EPS)
-    f = n2 * a * r
-    df = a * r * (a - 0.5 * n2 * r * r)
-    sg = tl.sum(s * g, axis=2)[:, :, None]
-    return f * g + 2.0 * df * sg * s
-
-
-@triton.jit
-def _jd_block(ptr, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D):
-    """Load a [BLOCK, JP, DP] block of a contiguous [B, J, D] tensor as fp32 (0 outside)."""
-    offs = (offs_b[:, None, None] * J + offs_j[None, :, None]) * D + offs_d[None, None, :]
-    ok = b_ok[:, None, None] & j_ok[None, :, None] & d_ok[None, None, :]
-    return tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _jd_store(ptr, x, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D):
-    """Store a [BLOCK, JP, DP] block into a contiguous [B, J, D] tensor (cast to its dtype)."""
-    offs = (offs_b[:, None, None] * J + offs_j[None, :, None]) * D + offs_d[None, None, :]
-    ok = b_ok[:, None, None] & j_ok[None, :, None] & d_ok[None, None, :]
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=ok)
+def _sample_block(B, BLOCK_B: tl.constexpr):
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    return offs_b.to(tl.int64), b_ok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,74 +156,34 @@ def _jd_store(ptr, x, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D):
 
 
 # Forward pass t over the input capsules.
-#   computes  partial[n, b, j, d] = sum_{i in slice n} c_t[b,i,j] u_hat[b,i,j,d],
-#             c_t = softmax_j <u_hat, V_{t-1}>, u_hat formed on chip from W and u.
+#   computes  part[n, b] = sum_{i in slice n} c_t[b,i,j] u_hat[b,i,j,:], c_t = softmax_j <u_hat,
+#             V_{t-1}>, u_hat formed on chip from W and u
 #   grid      (n_slices, n_sample_blocks); program (n, m) owns i in [n*I_PER_PROG, ...) in chunks
-#             of BLOCK_I and samples [m*BLOCK_B, ...); each W chunk is loaded once for the block.
-#   saves     nothing: the partials go to _fwd_finish_kernel.
+#             of BLOCK_I and samples [m*BLOCK_B, ...): V_{t-1} loaded once, each W chunk once
+#   saves     nothing: the partials go to fwd_finish_kernel
+#   bytes     HBM Q e_u + Wn e_w + 4 m + 4 n m; L2 adds (nb - 1) Wn e_w (W once per block)
+#   FLOPs     2 E Din + 4 E + 5 I J
 @triton.jit
 def _fwd_pass_kernel(
     u_ptr, W_ptr, Vprev_ptr, part_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
-    K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
-    DP: tl.constexpr,
-):  # fmt: skip
-    slice_id = tl.program_id(0)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
-    offs_b = offs_b.to(tl.int64)
-    offs_j = tl.arange(0, JP)
-    offs_d = tl.arange(0, DP)
-    j_ok = offs_j < J
-    d_ok = offs_d < D
-    i_lo = slice_id * I_PER_PROG
-    i_hi = tl.minimum(i_lo + I_PER_PROG, I)
-
-    V = _jd_block(Vprev_ptr, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)  # [BB, JP, DP]
-    s = tl.zeros((BLOCK_B, JP, DP), dtype=tl.float32)
-    for chunk in range(N_CHUNKS):
-        offs_i = i_lo + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = offs_i < i_hi
-        u_hat = _pose_tile(
-            u_ptr, W_ptr, offs_b, offs_i, offs_j, offs_d, b_ok, i_ok, j_ok, d_ok, I, J, D,
-            K, BLOCK_B, BLOCK_I, JP, DP,
-        )  # fmt: skip
-        c = _coupling(u_hat, V, j_ok)  # [BB, BI, JP]
-        s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
-    _jd_store(part_ptr + slice_id * B * J * D, s, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-
-
-# Forward finishing step of iteration t, per sample.
-#   computes  s_t = sum_n partial[n] + beta;  v_t = squash(s_t);  V_t = V_{t-1} + v_t
-#             (the last iteration writes v_T to the output in its dtype instead of V_T).
-#   grid      (cdiv(B, BLOCK_B),); the partials are summed in slice order: deterministic.
-#   saves     s_t into s_all[t-1] and V_t into Vprev_all[t] (the state the next pass reads).
-@triton.jit
-def _fwd_finish_kernel(
-    part_ptr, N_PARTS, bias_ptr, Vprev_ptr, Vnext_ptr, s_ptr, v_ptr, B, J, D,
-    HAS_BIAS: tl.constexpr, LAST: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr,
+    K: tl.constexpr, KD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
     JP: tl.constexpr, DP: tl.constexpr,
 ):  # fmt: skip
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
-    offs_b = offs_b.to(tl.int64)
-    offs_j = tl.arange(0, JP)
-    offs_d = tl.arange(0, DP)
-    j_ok = offs_j < J
-    d_ok = offs_d < D
+    n = tl.program_id(0)
+    offs_b, b_ok = _sample_block(B, BLOCK_B)
+    j_ok = tl.arange(0, JP) < J
+    V = load_rows(Vprev_ptr, offs_b, b_ok, J, D, JP, DP)  # [BB, JP, DP]
     s = tl.zeros((BLOCK_B, JP, DP), dtype=tl.float32)
-    for n in range(N_PARTS):
-        s += _jd_block(part_ptr + n * B * J * D, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-    if HAS_BIAS:
-        beta_offs = offs_j[:, None] * D + offs_d[None, :]
-        beta_ok = j_ok[:, None] & d_ok[None, :]
-        s += tl.load(bias_ptr + beta_offs, mask=beta_ok, other=0.0).to(tl.float32)[None, :, :]
-    _jd_store(s_ptr, s, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-    v = _squash(s, EPS)
-    if LAST:
-        _jd_store(v_ptr, v, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-    else:
-        V = _jd_block(Vprev_ptr, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-        _jd_store(Vnext_ptr, V + v, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
+    for chunk in range(N_CHUNKS):
+        offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+        w_offs, w_ok = _w_tile(offs_i, I, J, D, K, KD, JP, DP)
+        u_offs, u_ok = _u_tile(offs_b, b_ok, offs_i, I, K, KD)
+        w = tl.load(W_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + u_offs, mask=u_ok, other=0.0).to(tl.float32)
+        u_hat = _pose(u, w, BLOCK_B, BLOCK_I, JP, DP)
+        c = coupling(u_hat, V, j_ok)
+        s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
+    store_rows(part_ptr + n * B * J * D, s, offs_b, b_ok, J, D, JP, DP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,211 +191,183 @@ def _fwd_finish_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-# Backward finishing step, per sample:  G_t = squash_bwd(s_t, dL/dv_t),
-#   dL/dv_t = sum_n partial[n] (for t = T the partials are the incoming gradient itself, N_PARTS=1).
-#   grid      (cdiv(B, BLOCK_B),)
-#   saves     G_t into G_all[t-1], read by the later passes.
-@triton.jit
-def _bwd_finish_kernel(
-    part_ptr, N_PARTS, s_ptr, G_ptr, B, J, D,
-    EPS: tl.constexpr, BLOCK_B: tl.constexpr, JP: tl.constexpr, DP: tl.constexpr,
-):  # fmt: skip
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
-    offs_b = offs_b.to(tl.int64)
-    offs_j = tl.arange(0, JP)
-    offs_d = tl.arange(0, DP)
-    j_ok = offs_j < J
-    d_ok = offs_d < D
-    dv = tl.zeros((BLOCK_B, JP, DP), dtype=tl.float32)
-    for n in range(N_PARTS):
-        dv += _jd_block(part_ptr + n * B * J * D, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-    s = _jd_block(s_ptr, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-    G = _squash_bwd(s, dv, EPS)
-    _jd_store(G_ptr, G, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-
-
 # Backward reduction pass for step t (t = T..2) of the full gradient.
-#   computes  partial[n, b, j, d] = sum_{i in slice n} Bbar_{t-1}[b,i,j] u_hat[b,i,j,d],
+#   computes  part[n, b] = sum_{i in slice n} Bbar_{t-1}[b,i,j] u_hat[b,i,j,:],
 #             Bbar_{t-1} = P_t + ... + P_T = dL/d(logits b_{t-1}); c_tau and P_tau recomputed
-#             from u_hat (on chip), V_{tau-1} and G_tau for tau >= t.
-#   grid      (n_slices, n_sample_blocks), as the forward pass.
-#   saves     nothing: _bwd_finish_kernel turns the partials into G_{t-1}.
+#             from u_hat (on chip), V_{tau-1} and G_tau for tau >= t
+#   grid      (n_slices, n_sample_blocks), as the forward pass; the 2 (T - t + 1) state
+#             matrices of the block loaded once
+#   saves     nothing: bwd_finish_kernel turns the partials into G_{t-1}
+#   bytes     HBM Q e_u + Wn e_w + 8 N m + 4 n m (N = T - t + 1); L2 adds (nb - 1) Wn e_w
+#   FLOPs     2 E Din + N (4 E + 10 I J) + 2 E
 @triton.jit
 def _bwd_pass_kernel(
     u_ptr, W_ptr, Vprev_ptr, G_ptr, part_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
-    t: tl.constexpr, T: tl.constexpr, K: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_I: tl.constexpr, JP: tl.constexpr, DP: tl.constexpr,
+    t: tl.constexpr, T: tl.constexpr, K: tl.constexpr, KD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr, DP: tl.constexpr,
 ):  # fmt: skip
-    slice_id = tl.program_id(0)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
-    offs_b = offs_b.to(tl.int64)
-    offs_j = tl.arange(0, JP)
-    offs_d = tl.arange(0, DP)
-    j_ok = offs_j < J
-    d_ok = offs_d < D
-    i_lo = slice_id * I_PER_PROG
-    i_hi = tl.minimum(i_lo + I_PER_PROG, I)
-    BJD = B * J * D
-
+    n = tl.program_id(0)
+    offs_b, b_ok = _sample_block(B, BLOCK_B)
+    j_ok = tl.arange(0, JP) < J
+    Vs = load_state(Vprev_ptr, offs_b, b_ok, B, J, D, t - 1, T, JP, DP)
+    Gs = load_state(G_ptr, offs_b, b_ok, B, J, D, t - 1, T, JP, DP)
     dv = tl.zeros((BLOCK_B, JP, DP), dtype=tl.float32)
     for chunk in range(N_CHUNKS):
-        offs_i = i_lo + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = offs_i < i_hi
-        u_hat = _pose_tile(
-            u_ptr, W_ptr, offs_b, offs_i, offs_j, offs_d, b_ok, i_ok, j_ok, d_ok, I, J, D,
-            K, BLOCK_B, BLOCK_I, JP, DP,
-        )  # fmt: skip
-        Bbar = tl.zeros((BLOCK_B, BLOCK_I, JP), dtype=tl.float32)
-        for tau in tl.static_range(t - 1, T):  # iterations t..T (0-based index tau)
-            V = _jd_block(Vprev_ptr + tau * BJD, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-            G = _jd_block(G_ptr + tau * BJD, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-            c = _coupling(u_hat, V, j_ok)
-            Bbar += _softmax_bwd(c, u_hat, G)
+        offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+        w_offs, w_ok = _w_tile(offs_i, I, J, D, K, KD, JP, DP)
+        u_offs, u_ok = _u_tile(offs_b, b_ok, offs_i, I, K, KD)
+        w = tl.load(W_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + u_offs, mask=u_ok, other=0.0).to(tl.float32)
+        u_hat = _pose(u, w, BLOCK_B, BLOCK_I, JP, DP)
+        Bbar = logit_grad(u_hat, Vs, Gs, j_ok, T - t + 1)
         dv += tl.sum(Bbar[:, :, :, None] * u_hat, axis=1)
-    _jd_store(part_ptr + slice_id * BJD, dv, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
+    store_rows(part_ptr + n * B * J * D, dv, offs_b, b_ok, J, D, JP, DP)
 
 
 # Last backward pass: gradients of u and W through the on-chip u_hat.
-#   computes  du_hat = sum_t c_t G_t + P_t V_{t-1}  (DETACH: c_T G_T only), then per sample
-#             du[b,i,k] = sum_{j,d} W[i,j,d,k] du_hat[b,i,j,d]    (written in u's dtype)
-#             and  dW[i,j,d,k] = sum_b du_hat[b,i,j,d] u[b,i,k], accumulated in fp32 registers
-#             for the program's chunk of i over the whole batch: never a [B, I, J, D, Din]
-#             temporary, no partials, each dW element written once (in W's dtype).
-#   grid      (n_slices,): a program owns an i-slice and, for each chunk of it, walks ALL
-#             samples in blocks of BLOCK_B (the W chunk stays cache-resident across them).
-#   saves     nothing.
+#   computes  du_hat = sum_t c_t G_t + P_t V_{t-1}  (DETACH: c_T G_T only; common.u_hat_grad_step),
+#             then du[b,i,:] = sum_{j,d} W[i,j,d,:] du_hat[b,i,j,d]   (written in u's dtype)
+#             and  dW[i,j,d,:] = sum_b du_hat[b,i,j,d] u[b,i,:], accumulated in fp32 registers
+#             over the whole batch and written once (in W's dtype)
+#   grid      (n_chunks,): a program owns BLOCK_I input capsules, keeps their W and dW in
+#             registers and walks ALL samples in N_BLOCKS blocks of BLOCK_B, loading each block's
+#             state once
+#   saves     nothing
+#   bytes     HBM 2 Q e_u + 2 Wn e_w + 4 (2T - 1) m; L2 adds (nc - 1) 4 (2T - 1) m (every program
+#             reads the state of every sample: fewer inputs per program, more re-reads)
+#   FLOPs     6 E Din + 2 E + (T - 1) (8 E + 9 I J)  (detach_inner: 6 E Din + 4 E + 5 I J)
 @triton.jit
 def _pose_grad_kernel(
-    u_ptr, W_ptr, Vprev_ptr, G_ptr, du_ptr, dW_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS, N_BLOCKS,
-    T: tl.constexpr, TAU0: tl.constexpr, DETACH: tl.constexpr, K: tl.constexpr,
-    KP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
+    u_ptr, W_ptr, Vprev_ptr, G_ptr, du_ptr, dW_ptr, B, I, J, D, N_BLOCKS,
+    TAU0: tl.constexpr, T: tl.constexpr, DETACH: tl.constexpr, K: tl.constexpr,
+    KD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
     DP: tl.constexpr,
 ):  # fmt: skip
-    slice_id = tl.program_id(0)
-    offs_j = tl.arange(0, JP)
-    offs_d = tl.arange(0, DP)
-    offs_k = tl.arange(0, KP)
-    j_ok = offs_j < J
-    d_ok = offs_d < D
-    i_lo = slice_id * I_PER_PROG
-    i_hi = tl.minimum(i_lo + I_PER_PROG, I)
-    BJD = B * J * D
-
-    for chunk in range(N_CHUNKS):
-        offs_i = i_lo + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = offs_i < i_hi
-        w_rows = (offs_i[:, None, None] * J + offs_j[None, :, None]) * D + offs_d[None, None, :]
-        w_rows = w_rows * K
-        w_ok = i_ok[:, None, None] & j_ok[None, :, None] & d_ok[None, None, :]
-        dW = tl.zeros((BLOCK_I, JP, DP, KP), dtype=tl.float32)
-        for blk in range(N_BLOCKS):
-            offs_b = blk * BLOCK_B + tl.arange(0, BLOCK_B)
-            b_ok = offs_b < B
-            offs_b = offs_b.to(tl.int64)
-            u_hat = _pose_tile(
-                u_ptr, W_ptr, offs_b, offs_i, offs_j, offs_d, b_ok, i_ok, j_ok, d_ok, I, J, D,
-                K, BLOCK_B, BLOCK_I, JP, DP,
-            )  # fmt: skip
-            du_hat = tl.zeros((BLOCK_B, BLOCK_I, JP, DP), dtype=tl.float32)
-            for tau in tl.static_range(TAU0, T):  # TAU0 = T-1 under DETACH, else 0
-                V = _jd_block(Vprev_ptr + tau * BJD, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-                G = _jd_block(G_ptr + tau * BJD, offs_b, b_ok, offs_j, offs_d, j_ok, d_ok, J, D)
-                c = _coupling(u_hat, V, j_ok)
-                du_hat += c[:, :, :, None] * G[:, None, :, :]  # through s_tau = sum_i c u_hat
-                if not DETACH:  # through the logits <u_hat, V_{tau-1}> of iteration tau
-                    du_hat += _softmax_bwd(c, u_hat, G)[:, :, :, None] * V[:, None, :, :]
-
-            # Back through u_hat = W u, one input dimension k at a time.
-            u_rows = (offs_b[:, None] * I + offs_i[None, :]) * K
-            u_ok = b_ok[:, None] & i_ok[None, :]
-            for k in tl.static_range(K):
-                w_k = tl.load(W_ptr + w_rows + k, mask=w_ok, other=0.0).to(tl.float32)
-                du_k = tl.sum(tl.sum(du_hat * w_k[None, :, :, :], axis=3), axis=2)  # [BB, BI]
-                tl.store(du_ptr + u_rows + k, du_k.to(du_ptr.dtype.element_ty), mask=u_ok)
-                u_k = tl.load(u_ptr + u_rows + k, mask=u_ok, other=0.0).to(tl.float32)
-                dW_k = tl.sum(du_hat * u_k[:, :, None, None], axis=0)  # [BI, JP, DP]
-                dW += tl.where(
-                    (offs_k == k)[None, None, None, :], dW_k[:, :, :, None], 0.0
-                )  # column k
-        dW_offs = w_rows[:, :, :, None] + offs_k[None, None, None, :]
-        dW_ok = w_ok[:, :, :, None] & (offs_k < K)[None, None, None, :]
-        tl.store(dW_ptr + dW_offs, dW.to(dW_ptr.dtype.element_ty), mask=dW_ok)
-
-
-# Sum over rows: out[n] = sum_r x[r, n] in fp32, stored in out's dtype (fixed order).
-#   used for dbeta (rows = iterations x samples of G_t).
-#   grid      (cdiv(N, BLOCK_N),)
-@triton.jit
-def _sum_rows_kernel(x_ptr, out_ptr, R, N, BLOCK_N: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = offs < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r in range(R):
-        acc += tl.load(x_ptr + r * N + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j_ok = tl.arange(0, JP) < J
+    w_offs, w_ok = _w_tile(offs_i, I, J, D, K, KD, JP, DP)
+    w = tl.load(W_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)  # [BI, KD, N]
+    w_t = tl.permute(w, (0, 2, 1))  # [BI, N, KD]
+    dW = tl.zeros((BLOCK_I, JP * DP, KD), dtype=tl.float32)
+    for blk in range(N_BLOCKS):
+        offs_b = blk * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_ok = offs_b < B
+        offs_b = offs_b.to(tl.int64)
+        u_offs, u_ok = _u_tile(offs_b, b_ok, offs_i, I, K, KD)
+        u = tl.load(u_ptr + u_offs, mask=u_ok, other=0.0).to(tl.float32)  # [BI, BB, KD]
+        u_hat = _pose(u, w, BLOCK_B, BLOCK_I, JP, DP)
+        du_hat = tl.zeros((BLOCK_B, BLOCK_I, JP, DP), dtype=tl.float32)
+        for tau in tl.static_range(TAU0, T):  # the block's state, each matrix loaded once
+            G = load_rows(G_ptr + tau * B * J * D, offs_b, b_ok, J, D, JP, DP)
+            V = G  # (unused for t = 1: V_0 = 0)
+            if tau > 0:
+                V = load_rows(Vprev_ptr + tau * B * J * D, offs_b, b_ok, J, D, JP, DP)
+            du_hat = u_hat_grad_step(du_hat, u_hat, V, G, j_ok, tau == 0, DETACH)
+        # Back through u_hat = u W: du = du_hat W^T per capsule, dW += u^T du_hat over samples.
+        du_hat = tl.reshape(tl.permute(du_hat, (1, 0, 2, 3)), (BLOCK_I, BLOCK_B, JP * DP))
+        du = tl.dot(du_hat, w_t, input_precision="ieee")  # [BI, BB, KD]
+        tl.store(du_ptr + u_offs, du.to(du_ptr.dtype.element_ty), mask=u_ok)
+        dW = tl.dot(tl.permute(du_hat, (0, 2, 1)), u, dW, input_precision="ieee")  # [BI, N, KD]
+    tl.store(dW_ptr + tl.permute(w_offs, (0, 2, 1)), dW.to(dW_ptr.dtype.element_ty),
+             mask=tl.permute(w_ok, (0, 2, 1)))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side: tiles, buffers, launches
+# Launch geometry and costs
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    """True when the kernels above were built for the Triton interpreter (CPU)."""
-    return interpreted(_fwd_pass_kernel)
+@functools.cache
+def _min_dot_k() -> int:
+    """The smallest K of an fp32 tl.dot the installed triton compiles for NVIDIA GPUs (16 in
+    triton 3.6, 8 in 3.8), asked of its backend; 16 if it cannot say. The contractions pad Din,
+    J D and the last pass's sample block up to it with masked zeros."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        return int(min_dot_size(GPUTarget("cuda", 90, 32))(tl.float32, tl.float32)[2])
+    except Exception:  # another backend layout: the conservative bound
+        return 16
 
 
-_buffer = buffer  # NaN-filled under CAPSFAST_POISON=1, so an unwritten element shows up
+def _dot_k(K: int) -> int:
+    return max(triton.next_power_of_2(K), _min_dot_k())
+
+
+# GPU tiles (a first design, not tuned on hardware; docs/gpu.md says how to time it), chosen so
+# that ptxas (sm_90, triton 3.6 and 3.8) allocates without spills at the paper shape.
+GPU_BLOCK_B = 16  # routing passes: samples per program (W is re-read once per sample block)
+GPU_W_TILE = 2048  # routing passes: values of a W chunk [BLOCK_I, KD, JP * DP] (staged in smem)
+GPU_BLOCK_B_LAST = 8  # last pass: samples per block (at least the dot's minimum K)
+GPU_BLOCK_I_LAST = 2  # last pass: input capsules per program (their W and dW stay on chip)
+GPU_TILE_LAST = 4096  # last pass: values of a u_hat tile [BLOCK_B, BLOCK_I, JP, DP]
+GPU_WARPS_LAST = 8
+GPU_STAGES_LAST = 1  # last pass: no software pipelining (its loop body is long, smem is not)
+# Register ceiling given to ptxas. Without one it caps some of these kernels at 64 or 128
+# registers and spills to raise occupancy (ptxas -v, sm_90, triton 3.8's ptxas); the fused
+# passes are compute-bound with long dependency-free FMA chains, so no spills wins.
+GPU_MAXNREG = 255
 
 
 def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
-    """Launch geometry. A tile is [BLOCK_B samples, BLOCK_I inputs, J, D] in registers; a program
-    of the routing passes owns I_PER_PROG inputs and one sample block; a program of the last
-    backward pass owns I_PER_PROG_FINAL inputs and every sample.
-    CAPSFAST_FUSED_TILES overrides the choice (tests use it): "block_b,block_i,i_per_prog" sets
-    the tiles, "gpu:<SMs>" picks the GPU geometry for a device with that many SMs."""
-    JP, DP = triton.next_power_of_2(J), triton.next_power_of_2(D)
+    """Launch geometry. CAPSFAST_FUSED_TILES overrides the choice (tests use it):
+    "block_b,block_i,i_per_prog" sets the tiles of every pass, "gpu:<SMs>" picks the GPU geometry
+    for a device with that many SMs."""
+    JP, DP = _padded_jd(J, D)
     override = os.environ.get("CAPSFAST_FUSED_TILES", "")
     if override.startswith("gpu:"):
         return _gpu_tiles(B, I, JP, DP, sms=int(override[4:]))
     if override:
         block_b, block_i, i_per_prog = (int(x) for x in override.split(","))
-        block_b_final, i_per_prog_final = block_b, i_per_prog
-    elif _interpreting():
+        return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b, block_i, 4, 4, 1)
+    if interpreted(_fwd_pass_kernel):
         # The interpreter pays per operation, not per element: few, large tiles.
-        block_b = block_b_final = min(triton.next_power_of_2(B), 16)
+        block_b = min(triton.next_power_of_2(B), 16)
         block_i = min(triton.next_power_of_2(I), max(1, 2**15 // (block_b * JP * DP)))
-        i_per_prog = i_per_prog_final = block_i
-    else:
-        return _gpu_tiles(B, I, JP, DP, sms=sm_count(device))
-    return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_prog_final)
+        return _geometry(B, I, JP, DP, block_b, block_i, block_i, block_b, block_i, 4, 4, 1)
+    return _gpu_tiles(B, I, JP, DP, sms=common.sm_count(device))
+
+
+def _padded_jd(J: int, D: int) -> tuple[int, int]:
+    """J and D padded to powers of two, D further so that J D reaches the dot's minimum K (the
+    contraction du = du_hat W^T runs over the J D outputs of a capsule)."""
+    JP, DP = triton.next_power_of_2(J), triton.next_power_of_2(D)
+    return JP, max(DP, triton.cdiv(_min_dot_k(), JP))
 
 
 def _gpu_tiles(B: int, I: int, JP: int, DP: int, sms: int) -> dict:
-    """GPU geometry (a first guess, not tuned on hardware): tiles of 2048 fp32 values per tensor
-    in the routing passes and 1024 in the last pass (which also holds du_hat and the dW
-    accumulator), the sizes at which ptxas -v for sm_90 shows (next to) no spills at the paper
-    shape with 4 warps. Routing passes: enough i-slices that slices x sample blocks give ~2
-    programs per SM, at most 32 (the [slices, B, J, D] partials stay small and L2-resident).
-    Last pass: its programs walk the whole batch; ~4 programs per SM."""
-    block_b = min(triton.next_power_of_2(B), max(1, min(8, 2048 // (JP * DP))))
-    block_i = min(triton.next_power_of_2(I), max(1, 2048 // (block_b * JP * DP)))
+    """GPU geometry. Routing passes: GPU_BLOCK_B samples per program and W chunks of
+    GPU_W_TILE values, with enough i-slices that slices x sample blocks give ~2 programs per SM
+    (the partials [slices, B, J, D] then stay near 2 x SMs x BLOCK_B x J x D values, L2-resident);
+    warps scale with the u_hat tile (2 to 8). Last pass: GPU_BLOCK_I_LAST inputs per program,
+    so I / GPU_BLOCK_I_LAST programs, each walking the batch in blocks of GPU_TILE_LAST values."""
+    KD = _dot_k(1)
+    block_b = min(triton.next_power_of_2(B), GPU_BLOCK_B)
+    block_i = min(triton.next_power_of_2(I), max(1, GPU_W_TILE // (KD * JP * DP)))
+    warps = min(8, max(2, block_b * block_i * JP * DP // 512))
     n_chunks = triton.cdiv(I, block_i)
-    n_slices = min(n_chunks, max(1, min(32, triton.cdiv(2 * sms, triton.cdiv(B, block_b)))))
+    n_slices = min(n_chunks, triton.cdiv(2 * sms, triton.cdiv(B, block_b)))
     i_per_prog = triton.cdiv(n_chunks, n_slices) * block_i
-    i_per_prog_final = triton.cdiv(n_chunks, 4 * sms) * block_i
-    block_b_final = max(1, block_b // 2)
-    return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_prog_final)
+    # Last pass: its dW contraction runs over the sample block, so BLOCK_B reaches the dot's
+    # minimum K (8, or 16 under triton 3.6); then as many inputs as GPU_TILE_LAST allows (the
+    # state is re-read once per program: more inputs per program, fewer re-reads).
+    block_b_last = max(_min_dot_k(), min(triton.next_power_of_2(B), GPU_BLOCK_B_LAST))
+    block_i_last = GPU_TILE_LAST // (block_b_last * JP * DP)
+    block_i_last = min(triton.next_power_of_2(I), GPU_BLOCK_I_LAST, max(1, block_i_last))
+    return _geometry(
+        B, I, JP, DP, block_b, block_i, i_per_prog, block_b_last, block_i_last, warps,
+        GPU_WARPS_LAST, GPU_STAGES_LAST,
+    )  # fmt: skip
 
 
-def _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_prog_final):
+def _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_last, block_i_last, warps,
+              warps_last, stages_last):  # fmt: skip
     block_b = triton.next_power_of_2(block_b)
-    block_b_final = triton.next_power_of_2(block_b_final)
     block_i = triton.next_power_of_2(block_i)
+    block_b_last = max(triton.next_power_of_2(block_b_last), _min_dot_k())  # dW's dot: K = BB
+    block_i_last = triton.next_power_of_2(block_i_last)
     i_per_prog = triton.cdiv(max(i_per_prog, block_i), block_i) * block_i
-    i_per_prog_final = triton.cdiv(max(i_per_prog_final, block_i), block_i) * block_i
     return dict(
         BLOCK_B=block_b,
         BLOCK_I=block_i,
@@ -433,108 +375,126 @@ def _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_final, i_per_p
         N_CHUNKS=i_per_prog // block_i,
         n_slices=triton.cdiv(I, i_per_prog),
         n_blocks=triton.cdiv(B, block_b),
-        BLOCK_B_FINAL=block_b_final,
-        I_PER_PROG_FINAL=i_per_prog_final,
-        n_slices_final=triton.cdiv(I, i_per_prog_final),
-        n_blocks_final=triton.cdiv(B, block_b_final),
+        num_warps=warps,
+        BLOCK_B_LAST=block_b_last,
+        BLOCK_I_LAST=block_i_last,
+        n_slices_final=triton.cdiv(I, block_i_last),
+        n_blocks_final=triton.cdiv(B, block_b_last),
+        num_warps_last=warps_last,
+        num_stages_last=stages_last,
         JP=JP,
         DP=DP,
     )
 
 
-def _finish_block(B: int, JP: int, DP: int) -> int:
-    return max(1, min(triton.next_power_of_2(B), 4096 // (JP * DP)))
+def pass_costs(
+    B: int,
+    I: int,
+    J: int,
+    D: int,
+    Din: int,
+    T: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    detach_inner: bool = False,
+    bias: bool = True,
+    *,
+    w_dtype: torch.dtype | None = None,
+    backward: bool = True,
+    sms: int = 132,
+) -> dict:
+    """Bytes and FLOPs of every launch of digit_caps_fused on u [B, I, Din] of `dtype` and W
+    [I, J, D, Din] of `w_dtype` (default `dtype`; fp32 for an AMP master W), forward and the
+    backward unless backward=False, with the GPU geometry for a device with `sms` SMs (132: H100);
+    the model is kernels.common.pass_costs. "l2_bytes" counts W once per sample block and pass
+    and the state once per last-pass program. FLOPs count the contraction over Din unpadded."""
+    eu = torch.empty((), dtype=dtype).element_size()
+    ew = torch.empty((), dtype=w_dtype or dtype).element_size()
+    g = _gpu_tiles(B, I, *_padded_jd(J, D), sms=sms)
+    u_bytes, w_bytes = B * I * Din * eu, I * J * D * Din * ew
+    names = dict(fwd="_fwd_pass_kernel", bwd="_bwd_pass_kernel", last="_pose_grad_kernel",
+                 last_pass="du, dW")  # fmt: skip
+    return common.pass_costs(
+        B, I, J, D, T, detach_inner, bias, out_bytes=eu, n_slices=g["n_slices"],
+        pass_bytes=u_bytes + w_bytes, pass_l2=u_bytes + g["n_blocks"] * w_bytes,
+        pose_flops=2 * B * I * J * D * Din, last_bytes=2 * (u_bytes + w_bytes),
+        last_programs=g["n_slices_final"], names=names, backward=backward,
+    )  # fmt: skip
 
 
-def _device_of(u: Tensor):
-    """Launch on u's GPU even when another one is current."""
-    return torch.cuda.device(u.device) if u.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _check_device(u: Tensor) -> None:
-    check_device(u.device, _fwd_pass_kernel, "digit_caps_fused", "digit_caps(..., impl='torch')")
+# ----------------------------------------------------------------------------------------------
+# Launch wrappers (they trust their callers: digit_caps_fused validates)
+# ----------------------------------------------------------------------------------------------
 
 
 def _forward(u: Tensor, W: Tensor, bias: Tensor | None, T: int):
-    _check_device(u)
     B, I, K = u.shape
     J, D = W.shape[1], W.shape[2]
-    g = _tiles(B, I, J, D, u.device)
-    f32, dev = torch.float32, u.device
-    part = _buffer((g["n_slices"], B, J, D), f32, dev)
-    s_all = _buffer((T, B, J, D), f32, dev)
-    Vprev = _buffer((T, B, J, D), f32, dev)
+    dev = u.device
+    g = _tiles(B, I, J, D, dev)
+    f32 = torch.float32
+    part = buffer((g["n_slices"], B, J, D), f32, dev)
+    s_all = buffer((T, B, J, D), f32, dev)
+    Vprev = buffer((T, B, J, D), f32, dev)
     Vprev[0].zero_()  # V_0 = 0: uniform coupling in the first iteration
-    v = _buffer((B, J, D), u.dtype, dev)
-    fb = _finish_block(B, g["JP"], g["DP"])
+    v = buffer((B, J, D), u.dtype, dev)
+    fb = finish_block(B, g["JP"], g["DP"])
     tiles = dict(BLOCK_B=g["BLOCK_B"], BLOCK_I=g["BLOCK_I"], JP=g["JP"], DP=g["DP"])
-    for t in range(1, T + 1):
-        _fwd_pass_kernel[(g["n_slices"], g["n_blocks"])](
-            u, W, Vprev[t - 1], part, B, I, J, D, g["I_PER_PROG"], g["N_CHUNKS"], K=K, **tiles
-        )
-        last = t == T
-        _fwd_finish_kernel[(triton.cdiv(B, fb),)](
-            part, g["n_slices"], bias if bias is not None else part, Vprev[t - 1],
-            Vprev[t - 1] if last else Vprev[t], s_all[t - 1], v, B, J, D,
-            HAS_BIAS=bias is not None, LAST=last, EPS=_SQUASH_EPS, BLOCK_B=fb, JP=g["JP"],
-            DP=g["DP"],
-        )  # fmt: skip
+    pad = dict(K=K, KD=_dot_k(K))
+    with common.on_device(dev):
+        for t in range(1, T + 1):
+            _fwd_pass_kernel[(g["n_slices"], g["n_blocks"])](
+                u, W, Vprev[t - 1], part, B, I, J, D, g["I_PER_PROG"], g["N_CHUNKS"], **pad,
+                **tiles, num_warps=g["num_warps"], maxnreg=GPU_MAXNREG,
+            )  # fmt: skip
+            last = t == T
+            fwd_finish_kernel[(triton.cdiv(B, fb),)](
+                part, g["n_slices"], bias if bias is not None else part, Vprev[t - 1],
+                Vprev[t - 1] if last else Vprev[t], s_all[t - 1], v, B, J, D,
+                HAS_BIAS=bias is not None, LAST=last, EPS=SQUASH_EPS, BLOCK_B=fb, JP=g["JP"],
+                DP=g["DP"],
+            )  # fmt: skip
     return v, s_all, Vprev
 
 
-def _sum_rows(x: Tensor, out: Tensor) -> Tensor:
-    R, N = x.shape[0], out.numel()
-    block = 2**15 if _interpreting() else 1024
-    _sum_rows_kernel[(triton.cdiv(N, block),)](x, out, R, N, BLOCK_N=block)
-    return out
-
-
 def _backward(grad_v, u, W, bias, s_all, Vprev, T: int, detach_inner: bool):
-    _check_device(u)
     B, I, K = u.shape
     J, D = W.shape[1], W.shape[2]
-    g = _tiles(B, I, J, D, u.device)
-    f32, dev = torch.float32, u.device
-    grid = (g["n_slices"], g["n_blocks"])
+    dev = u.device
+    g = _tiles(B, I, J, D, dev)
+    f32 = torch.float32
     tiles = dict(BLOCK_B=g["BLOCK_B"], BLOCK_I=g["BLOCK_I"], JP=g["JP"], DP=g["DP"])
-    fb = _finish_block(B, g["JP"], g["DP"])
-    G = _buffer((T, B, J, D), f32, dev)  # G_t = dL/ds_t (detach_inner: only G_T is written)
-
-    # G_T from the incoming gradient (a single "partial").
-    _bwd_finish_kernel[(triton.cdiv(B, fb),)](
-        grad_v.contiguous(), 1, s_all[T - 1], G[T - 1], B, J, D,
-        EPS=_SQUASH_EPS, BLOCK_B=fb, JP=g["JP"], DP=g["DP"],
-    )  # fmt: skip
-    if not detach_inner:
-        part = _buffer((g["n_slices"], B, J, D), f32, dev)
-        for t in range(T, 1, -1):  # dL/dv_{t-1}, then G_{t-1}
-            _bwd_pass_kernel[grid](
-                u, W, Vprev, G, part, B, I, J, D, g["I_PER_PROG"], g["N_CHUNKS"],
-                t=t, T=T, K=K, **tiles,
-            )  # fmt: skip
-            _bwd_finish_kernel[(triton.cdiv(B, fb),)](
-                part, g["n_slices"], s_all[t - 2], G[t - 2], B, J, D,
-                EPS=_SQUASH_EPS, BLOCK_B=fb, JP=g["JP"], DP=g["DP"],
-            )  # fmt: skip
-
-    du = _buffer(u.shape, u.dtype, dev)
-    dW = _buffer(W.shape, W.dtype, dev)
-    # The dW accumulator [BLOCK_I, J, D, Din] lives in registers: more warps when it is large.
-    KP = triton.next_power_of_2(K)
-    acc = g["BLOCK_I"] * g["JP"] * g["DP"] * KP
-    num_warps = min(16, max(4, triton.next_power_of_2(acc // 1024)))
-    _pose_grad_kernel[(g["n_slices_final"],)](
-        u, W, Vprev, G, du, dW, B, I, J, D, g["I_PER_PROG_FINAL"],
-        g["I_PER_PROG_FINAL"] // g["BLOCK_I"], g["n_blocks_final"],
-        T=T, TAU0=T - 1 if detach_inner else 0, DETACH=detach_inner, K=K,
-        KP=KP, BLOCK_B=g["BLOCK_B_FINAL"], BLOCK_I=g["BLOCK_I"], JP=g["JP"], DP=g["DP"],
-        num_warps=num_warps,
-    )  # fmt: skip
+    pad = dict(K=K, KD=_dot_k(K))
+    fb = finish_block(B, g["JP"], g["DP"])
+    finish = dict(EPS=SQUASH_EPS, BLOCK_B=fb, JP=g["JP"], DP=g["DP"])
+    G = buffer((T, B, J, D), f32, dev)  # G_t = dL/ds_t (detach_inner: only G_T is written)
+    du = buffer(u.shape, u.dtype, dev)
+    dW = buffer(W.shape, W.dtype, dev)
+    tau0 = T - 1 if detach_inner else 0
+    with common.on_device(dev):
+        # G_T from the incoming gradient (a single "partial").
+        bwd_finish_kernel[(triton.cdiv(B, fb),)](
+            grad_v.contiguous(), 1, s_all[T - 1], G[T - 1], B, J, D, **finish
+        )
+        if not detach_inner:
+            part = buffer((g["n_slices"], B, J, D), f32, dev)
+            for t in range(T, 1, -1):  # dL/dv_{t-1}, then G_{t-1}
+                _bwd_pass_kernel[(g["n_slices"], g["n_blocks"])](
+                    u, W, Vprev, G, part, B, I, J, D, g["I_PER_PROG"], g["N_CHUNKS"],
+                    t=t, T=T, **pad, **tiles, num_warps=g["num_warps"], maxnreg=GPU_MAXNREG,
+                )  # fmt: skip
+                bwd_finish_kernel[(triton.cdiv(B, fb),)](
+                    part, g["n_slices"], s_all[t - 2], G[t - 2], B, J, D, **finish
+                )
+        _pose_grad_kernel[(g["n_slices_final"],)](
+            u, W, Vprev, G, du, dW, B, I, J, D, g["n_blocks_final"],
+            TAU0=tau0, T=T, DETACH=detach_inner, **pad, BLOCK_B=g["BLOCK_B_LAST"],
+            BLOCK_I=g["BLOCK_I_LAST"], JP=g["JP"], DP=g["DP"], num_warps=g["num_warps_last"],
+            num_stages=g["num_stages_last"], maxnreg=GPU_MAXNREG,
+        )  # fmt: skip
     if bias is not None:
-        rows = G[T - 1] if detach_inner else G
-        dbias = _sum_rows(rows.reshape(-1, J * D), _buffer((J, D), bias.dtype, dev))
+        dbias = G[tau0:].sum(dim=(0, 1)).to(bias.dtype)  # sum over iterations and batch of G_t
     else:
-        dbias = torch.zeros((J, D), dtype=torch.float32, device=dev)  # not a gradient: no bias
+        dbias = torch.zeros((J, D), dtype=f32, device=dev)  # not a gradient: no bias
     return du, dW, dbias
 
 
@@ -549,8 +509,7 @@ def _digit_caps_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (v [B, J, D] in u's dtype, s_all [T, B, J, D] fp32, Vprev_all [T, B, J, D] fp32);
     the last two are saved for backward and are not differentiable."""
-    with _device_of(u):
-        return _forward(u, W, bias, iterations)
+    return _forward(u.contiguous(), W.contiguous(), bias, iterations)
 
 
 @_digit_caps_op.register_fake
@@ -572,8 +531,8 @@ def _digit_caps_backward_op(
     detach_inner: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (du in u's dtype, dW in W's dtype, dbias in bias's dtype; fp32 zeros if no bias)."""
-    with _device_of(u):
-        return _backward(grad_v, u, W, bias, s_all, Vprev, iterations, detach_inner)
+    u, W = u.contiguous(), W.contiguous()
+    return _backward(grad_v, u, W, bias, s_all, Vprev, iterations, detach_inner)
 
 
 @_digit_caps_backward_op.register_fake
@@ -602,26 +561,6 @@ def _backward_rule(ctx, grad_v, _grad_s, _grad_V):
 _digit_caps_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def _register_autocast_passthrough(op_name: str, device_type: str) -> None:
-    """Under autocast the op receives u, W and bias unchanged (e.g. bf16 u with an fp32 master
-    W) and runs with autocast off: it computes in fp32 itself and returns v in u's dtype.
-    (torch.library.register_autocast can only cast every input to one dtype.)"""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-    op = getattr(torch.ops.capsfast, op_name).default
-
-    def kernel(_keyset, *args):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op(*args)
-
-    _AUTOCAST_LIB.impl(op_name, kernel, key, with_keyset=True)
-
-
-_AUTOCAST_LIB = torch.library.Library("capsfast", "FRAGMENT")
-for _device_type in ("cuda", "cpu"):
-    _register_autocast_passthrough("digit_caps", _device_type)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------
@@ -636,43 +575,29 @@ def digit_caps_fused(
     detach_inner: bool = False,
 ) -> Tensor:
     """DigitCaps with u_hat = W u formed on chip: u [B, I, Din], W [I, J, D, Din], bias [J, D]
-    or None -> v [B, J, D] in u's dtype. See the module docstring for the algorithm."""
-    if u.dim() != 3 or W.dim() != 4 or u.shape[1] != W.shape[0] or u.shape[2] != W.shape[3]:
-        raise ValueError(
-            f"digit_caps_fused: u must be [B, I, Din] and W [I, J, D, Din]; got u "
-            f"{tuple(u.shape)}, W {tuple(W.shape)}"
-        )
+    or None -> v [B, J, D] in u's dtype. See the module docstring for the algorithm. The one
+    place its arguments are checked (capsfast.routing.digit_caps dispatches here unchecked)."""
+    op = "digit_caps_fused"
+    check_digit_caps_args(u, W, op=op)
     B, I, K = u.shape
     J, D = W.shape[1], W.shape[2]
     if min(B, I, J, D, K) < 1:
-        raise ValueError(
-            f"digit_caps_fused: empty dimension in u {tuple(u.shape)}, W {tuple(W.shape)}"
-        )
+        raise ValueError(f"{op}: empty dimension in u {tuple(u.shape)}, W {tuple(W.shape)}")
     if J > MAX_JD or D > MAX_JD or K > MAX_DIN:
         raise ValueError(
-            f"digit_caps_fused supports J, D <= {MAX_JD} and Din <= {MAX_DIN}; got J={J}, D={D}, "
-            f"Din={K} (use impl='torch' or 'triton')"
+            f"{op} supports J, D <= {MAX_JD} and Din <= {MAX_DIN}; got J={J}, D={D}, Din={K} "
+            "(use impl='torch' or 'triton')"
         )
     if bias is not None and tuple(bias.shape) != (J, D):
-        raise ValueError(
-            f"digit_caps_fused: bias must be [J, D] = [{J}, {D}], got {list(bias.shape)}"
-        )
+        raise ValueError(f"{op}: bias must be [J, D] = [{J}, {D}], got {list(bias.shape)}")
     if int(iterations) < 1:
-        raise ValueError(f"digit_caps_fused: iterations must be >= 1, got {iterations}")
-    supported = (torch.float32, torch.bfloat16, torch.float16)
-    for name, x in (("u", u), ("W", W), ("bias", bias)):
-        if x is not None and x.dtype not in supported:
-            raise TypeError(
-                f"digit_caps_fused: {name} is {x.dtype}; supported are float32, bfloat16 and "
-                f"float16 (it computes in fp32; use impl='torch' for float64/gradcheck)"
-            )
+        raise ValueError(f"{op}: iterations must be >= 1, got {iterations}")
+    instead = "digit_caps(..., impl='torch')"
+    common.check_dtypes(op, instead, u=u, W=W, bias=bias)
+    for name, x in (("W", W), ("bias", bias)):
         if x is not None and x.device != u.device:
-            raise ValueError(f"digit_caps_fused: {name} is on {x.device}, u on {u.device}")
-    v, _, _ = _digit_caps_op(
-        u.contiguous(),
-        W.contiguous(),
-        None if bias is None else bias.contiguous(),
-        int(iterations),
-        bool(detach_inner),
-    )
+            raise ValueError(f"{op}: {name} is on {x.device}, u on {u.device}")
+    common.check_device(u.device, _fwd_pass_kernel, op, instead)
+    bias = None if bias is None else bias.contiguous()
+    v, _, _ = _digit_caps_op(u, W, bias, int(iterations), bool(detach_inner))
     return v

@@ -1,4 +1,4 @@
-"""Routing by agreement in fused Triton kernels, forward and backward (../shared/ROUTING.md).
+"""Routing by agreement in fused Triton kernels, forward and backward (docs/routing.md).
 
 One sample, T iterations, u = u_hat [I, J, D], optional bias beta [J, D]:
 
@@ -11,13 +11,22 @@ One sample, T iterations, u = u_hat [I, J, D], optional bias beta [J, D]:
 
 Every per-(i, j) quantity (b, c, c * u and, in the backward, gamma, P, Bbar) lives only in
 registers: a pass loads a tile of u, recomputes what it needs from the small per-sample state
-([J, D] per sample and iteration) and reduces over i. A pass runs on a grid of (sample, i-slice);
-each program writes a [J, D] partial sum and a small per-sample kernel adds the partials in a fixed
-order (deterministic, no atomics) and applies squash or its backward.
+([J, D] per sample and iteration, loaded once per program before its walk over i) and reduces over
+i. A pass runs on a grid of (sample, i-slice); each program writes a [J, D] partial sum and a small
+per-sample kernel (kernels/common.py) adds the partials in a fixed order (deterministic, no
+atomics) and applies squash or its backward. The math on chip (coupling, softmax_bwd, squash,
+squash_bwd, logit_grad, u_hat_grad_step) is shared with the fused DigitCaps op (kernels/common.py);
+here its tiles have a sample axis of 1.
 
-    forward   T x (pass + finalize)                         saves s_t and V_{t-1}: [T, B, J, D] fp32
-    backward  finalize(G_T); (T-1) x (pass + finalize); du  full gradient through every iteration
-              finalize(G_T); du                             detach_inner: c_T is a constant
+    forward   T x (pass + finish)                       saves s_t and V_{t-1}: [T, B, J, D] fp32
+    backward  finish(G_T); (T-1) x (pass + finish); du  full gradient through every iteration
+              finish(G_T); du                           detach_inner: c_T is a constant
+
+Bytes and FLOPs: each kernel's comment block states its own, per sample (E = I J D values of
+u_hat of e bytes, m = J D, fp32 state, n partial sums per sample = i-slices); `pass_costs` adds
+them up for a shape (the model is kernels.common.pass_costs) and bench/test_routing.py records
+them. The passes over i are memory-bound (about 4 FLOPs per byte of bf16 u_hat): u_hat is read 2T
+times and du written once (full gradient), read T + 1 times (detach_inner).
 
 All arithmetic is fp32 whatever the input dtype (fp32, bf16, fp16); v and du come back in u_hat's
 dtype, d(bias) in the bias's dtype. float64 is rejected: use impl="torch" (it computes in float64).
@@ -25,6 +34,7 @@ dtype, d(bias) in the bias's dtype. float64 is rejected: use impl="torch" (it co
 Public API:
     route_triton(u_hat, iterations, bias=None, detach_inner=False) -> v     (autograd-aware)
     triton_available(device) -> (ok, reason)                          (for --routing auto fallback)
+    pass_costs(B, I, J, D, Din, T, dtype, detach_inner, bias)         (bytes and FLOPs per pass)
     torch.ops.capsfast.route / torch.ops.capsfast.route_backward      (the custom ops)
 
 Debugging knobs (read at call time):
@@ -34,7 +44,7 @@ Debugging knobs (read at call time):
     CAPSFAST_ROUTING_SLICES=n    i-slices per sample (programs per sample in a pass)
 """
 
-# ruff: noqa: E741  (I, J, D, B, T: the notation of SPEC.md and ROUTING.md)
+# ruff: noqa: E741  (I, J, D, B, T: the notation of docs/routing.md)
 from __future__ import annotations
 
 import functools
@@ -43,103 +53,46 @@ import os
 import torch
 import triton
 import triton.language as tl
-from capsfast.kernels.common import buffer, check_device, interpreted, sm_count
+from capsfast.kernels import common
+from capsfast.kernels.common import (
+    buffer,
+    bwd_finish_kernel,
+    coupling,
+    finish_block,
+    fwd_finish_kernel,
+    interpreted,
+    load_rows,
+    load_state,
+    logit_grad,
+    store_rows,
+    u_hat_grad_step,
+)
 
-from capsfast.routing import SQUASH_EPS
+from capsfast.routing import SQUASH_EPS, check_route_args
 
-__all__ = ["route_triton", "triton_available", "is_interpreted"]
+__all__ = ["pass_costs", "route_triton", "triton_available"]
 
 # ---------------------------------------------------------------------------------------------
-# Building blocks (inlined into the kernels)
+# Tiles of u_hat (a sample axis of 1: the shared math works on [BB, BI, JP, DP])
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _load_u_tile(
-    u_ptr, b, i0, I, J, D, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """u[b, i0:i0+BLOCK_I, :, :] as fp32 [BLOCK_I, BLOCK_J, BLOCK_D]; zero outside I, J, D."""
-    offs_i = i0 + tl.arange(0, BLOCK_I)
-    offs_j = tl.arange(0, BLOCK_J)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_i < I)[:, None, None] & (offs_j < J)[None, :, None] & (offs_d < D)[None, None, :]
-    offs = offs_i[:, None, None] * (J * D) + offs_j[None, :, None] * D + offs_d[None, None, :]
-    base = u_ptr + b.to(tl.int64) * I * J * D
-    return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+def _u_hat_offsets(b, offs_i, I, J, D, JP: tl.constexpr, DP: tl.constexpr):
+    """Offsets and mask of u_hat[b, offs_i, :, :] as [1, BI, JP, DP]: rows of D contiguous values."""
+    offs_j = tl.arange(0, JP)
+    offs_d = tl.arange(0, DP)
+    offs = (offs_i[:, None, None] * J + offs_j[None, :, None]) * D + offs_d[None, None, :]
+    ok = (offs_i < I)[:, None, None] & (offs_j < J)[None, :, None] & (offs_d < D)[None, None, :]
+    return (b.to(tl.int64) * I * J * D + offs)[None, :, :, :], ok[None, :, :, :]
 
 
 @triton.jit
-def _store_u_tile(
-    ptr, x, b, i0, I, J, D, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """Store x [BLOCK_I, BLOCK_J, BLOCK_D] into ptr[b, i0:i0+BLOCK_I] (layout of u_hat)."""
-    offs_i = i0 + tl.arange(0, BLOCK_I)
-    offs_j = tl.arange(0, BLOCK_J)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_i < I)[:, None, None] & (offs_j < J)[None, :, None] & (offs_d < D)[None, None, :]
-    offs = offs_i[:, None, None] * (J * D) + offs_j[None, :, None] * D + offs_d[None, None, :]
-    base = ptr + b.to(tl.int64) * I * J * D
-    tl.store(base + offs, x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _jd_offsets(J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Offsets and mask of a contiguous [J, D] matrix, padded to [BLOCK_J, BLOCK_D]."""
-    offs_j = tl.arange(0, BLOCK_J)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_j < J)[:, None] & (offs_d < D)[None, :]
-    return offs_j[:, None] * D + offs_d[None, :], mask
-
-
-@triton.jit
-def _load_jd(ptr, row, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row `row` of a [rows, J, D] buffer as fp32 [BLOCK_J, BLOCK_D], zero-padded."""
-    offs, mask = _jd_offsets(J, D, BLOCK_J, BLOCK_D)
-    x = tl.load(ptr + row.to(tl.int64) * J * D + offs, mask=mask, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _store_jd(ptr, row, x, J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs, mask = _jd_offsets(J, D, BLOCK_J, BLOCK_D)
-    tl.store(ptr + row.to(tl.int64) * J * D + offs, x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _coupling(u, V, J, BLOCK_J: tl.constexpr):
-    """c[i, j] = softmax_j <u[i, j], V[j]>: u [BI, BJ, BD], V [BJ, BD] -> c [BI, BJ] (0 at j >= J)."""
-    logits = tl.sum(u * V[None, :, :], axis=2)
-    valid_j = tl.arange(0, BLOCK_J) < J
-    logits = tl.where(valid_j[None, :], logits, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
-
-
-@triton.jit
-def _softmax_bwd(c, u, G):
-    """P[i, j] = c (gamma - sum_k c gamma), gamma[i, j] = <u[i, j], G[j]>: the gradient of the loss
-    w.r.t. the logits b of this iteration's softmax, given G = dL/ds."""
-    gamma = tl.sum(u * G[None, :, :], axis=2)
-    return c * (gamma - tl.sum(c * gamma, axis=1)[:, None])
-
-
-@triton.jit
-def _squash(s, EPS: tl.constexpr):
-    """v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) per row j of s [BJ, BD]."""
-    n2 = tl.sum(s * s, axis=1)[:, None]
-    return (n2 / (1.0 + n2)) * s / tl.sqrt(n2 + EPS)
-
-
-@triton.jit
-def _squash_bwd(s, g, EPS: tl.constexpr):
-    """dL/ds for v = f(n2) s, n2 = |s|^2, f = n2 r / (1 + n2), r = 1 / sqrt(n2 + eps):
-    dL/ds = f g + 2 f'(n2) <s, g> s,  f' = r / (1 + n2)^2 - n2 r^3 / (2 (1 + n2))."""
-    n2 = tl.sum(s * s, axis=1)[:, None]
-    r = 1.0 / tl.sqrt(n2 + EPS)
-    f = n2 * r / (1.0 + n2)
-    df = r / ((1.0 + n2) * (1.0 + n2)) - 0.5 * n2 * r * r * r / (1.0 + n2)
-    sg = tl.sum(s * g, axis=1)[:, None]
-    return f * g + 2.0 * df * sg * s
+def _sample(B):
+    """This program's sample b as a block of one: (b, offs_b [1], b_ok [1])."""
+    b = tl.program_id(0)
+    offs_b = b.to(tl.int64) + tl.zeros((1,), dtype=tl.int64)
+    return b, offs_b, offs_b < B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,76 +101,29 @@ def _squash_bwd(s, g, EPS: tl.constexpr):
 
 
 # Forward pass of iteration t (one launch per iteration).
-#   computes  part[b, k] = sum_{i in slice k} c_t[i, :] u[b, i, :, :]      ([J, D], fp32)
-#             with c_t = softmax_j <u, V_{t-1}>, V_{t-1} = Vs[t-1, b] (zero for t = 1)
-#   grid      (B, n_slices): a program owns sample b and i-slice k = [k * slice_len, ...), walked
-#             in n_chunks tiles of BLOCK_I rows
-#   saves     nothing (the partials are scratch, reduced by _route_fwd_finalize_kernel)
+#   computes  part[n, b] = sum_{i in slice n} c_t[i, :] u[b, i, :, :]      ([J, D], fp32)
+#             with c_t = softmax_j <u, V_{t-1}>, V_{t-1} = Vprev[t-1, b] (zero for t = 1)
+#   grid      (B, n_slices): a program owns sample b and i-slice n = [n * I_PER_PROG, ...),
+#             walked in N_CHUNKS tiles of BLOCK_I rows; V_{t-1} loaded once
+#   saves     nothing (the partials are scratch, reduced by fwd_finish_kernel)
+#   bytes     reads E e + 4 m, writes 4 n m                     FLOPs 4 E + 5 I J
 @triton.jit
 def _route_fwd_pass_kernel(
-    u_ptr,
-    Vs_ptr,
-    part_ptr,
-    t,
-    B,
-    I,
-    J,
-    D,
-    slice_len,
-    n_chunks,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    V = _load_jd(Vs_ptr, (t - 1) * B + b, J, D, BLOCK_J, BLOCK_D)
-    s = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
-    for chunk in range(0, n_chunks):
-        u = _load_u_tile(
-            u_ptr, b, k * slice_len + chunk * BLOCK_I, I, J, D, BLOCK_I, BLOCK_J, BLOCK_D
-        )
-        c = _coupling(u, V, J, BLOCK_J)
-        s += tl.sum(c[:, :, None] * u, axis=0)
-    _store_jd(part_ptr, b * tl.num_programs(1) + k, s, J, D, BLOCK_J, BLOCK_D)
-
-
-# Forward finalize of iteration t.
-#   computes  s_t = sum_k part[b, k] + beta (partials added in slice order: deterministic),
-#             v_t = squash(s_t); V_t = V_{t-1} + v_t; at t = T writes out[b] = v_T (out's dtype)
-#   grid      (B,)
-#   saves     S[t-1, b] = s_t and, for t < T, Vs[t, b] = V_t (fp32): the backward's only state
-@triton.jit
-def _route_fwd_finalize_kernel(
-    part_ptr,
-    bias_ptr,
-    S_ptr,
-    Vs_ptr,
-    out_ptr,
-    t,
-    T,
-    B,
-    n_slices,
-    J,
-    D,
-    HAS_BIAS: tl.constexpr,
-    EPS: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    s = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
-    for k in range(0, n_slices):
-        s += _load_jd(part_ptr, b * n_slices + k, J, D, BLOCK_J, BLOCK_D)
-    if HAS_BIAS:
-        s += _load_jd(bias_ptr, b * 0, J, D, BLOCK_J, BLOCK_D)
-    _store_jd(S_ptr, (t - 1) * B + b, s, J, D, BLOCK_J, BLOCK_D)
-    v = _squash(s, EPS)
-    if t < T:
-        V = _load_jd(Vs_ptr, (t - 1) * B + b, J, D, BLOCK_J, BLOCK_D)
-        _store_jd(Vs_ptr, t * B + b, V + v, J, D, BLOCK_J, BLOCK_D)
-    else:
-        _store_jd(out_ptr, b, v, J, D, BLOCK_J, BLOCK_D)
+    u_ptr, Vprev_ptr, part_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
+    BLOCK_I: tl.constexpr, JP: tl.constexpr, DP: tl.constexpr,
+):  # fmt: skip
+    b, offs_b, b_ok = _sample(B)
+    n = tl.program_id(1)
+    j_ok = tl.arange(0, JP) < J
+    V = load_rows(Vprev_ptr, offs_b, b_ok, J, D, JP, DP)  # [1, JP, DP]
+    s = tl.zeros((1, JP, DP), dtype=tl.float32)
+    for chunk in range(0, N_CHUNKS):
+        offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+        offs, ok = _u_hat_offsets(b, offs_i, I, J, D, JP, DP)
+        u_hat = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        c = coupling(u_hat, V, j_ok)
+        s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
+    store_rows(part_ptr + n * B * J * D, s, offs_b, b_ok, J, D, JP, DP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,130 +131,70 @@ def _route_fwd_finalize_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-# Backward finalize of iteration t: G_t = dL/ds_t.
-#   computes  dv = sum_k part[b, k] (dL/dv_t; for t = T the incoming gradient, passed as one
-#             "partial" per sample), G[t-1, b] = squash_bwd(s_t, dv)
-#   grid      (B,)
-#   saves     G[t-1, b] (fp32 scratch of the backward, [T, B, J, D])
-@triton.jit
-def _route_bwd_finalize_kernel(
-    part_ptr,
-    S_ptr,
-    G_ptr,
-    t,
-    B,
-    n_slices,
-    J,
-    D,
-    EPS: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    dv = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
-    for k in range(0, n_slices):
-        dv += _load_jd(part_ptr, b * n_slices + k, J, D, BLOCK_J, BLOCK_D)
-    s = _load_jd(S_ptr, (t - 1) * B + b, J, D, BLOCK_J, BLOCK_D)
-    _store_jd(G_ptr, (t - 1) * B + b, _squash_bwd(s, dv, EPS), J, D, BLOCK_J, BLOCK_D)
-
-
 # Backward pass for dL/dv_{t-1} (full gradient only; t = T..2, one launch each).
-#   computes  part[b, k] = sum_{i in slice k} Bbar_{t-1}[i, :] u[b, i, :, :]
+#   computes  part[n, b] = sum_{i in slice n} Bbar_{t-1}[i, :] u[b, i, :, :]
 #             Bbar_{t-1} = dL/db_{t-1} = P_t + ... + P_T, P_tau = softmax_bwd(c_tau, <u, G_tau>),
-#             c_tau recomputed from u and Vs[tau-1], G_tau read from G (already final for tau >= t)
-#   grid      (B, n_slices), as the forward pass
+#             c_tau recomputed from u and V_{tau-1}, G_tau already final for tau >= t
+#   grid      (B, n_slices), as the forward pass; the 2 (T - t + 1) state matrices of the
+#             sample are loaded once per program
 #   saves     nothing
+#   bytes     reads E e + 8 N m, writes 4 n m (N = T - t + 1)   FLOPs N (4 E + 10 I J) + 2 E
 @triton.jit
 def _route_bwd_pass_kernel(
-    u_ptr,
-    Vs_ptr,
-    G_ptr,
-    part_ptr,
-    t,
-    T,
-    B,
-    I,
-    J,
-    D,
-    slice_len,
-    n_chunks,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    dv = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
-    for chunk in range(0, n_chunks):
-        u = _load_u_tile(
-            u_ptr, b, k * slice_len + chunk * BLOCK_I, I, J, D, BLOCK_I, BLOCK_J, BLOCK_D
-        )
-        Bbar = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-        for tau in range(t, T + 1):
-            V = _load_jd(Vs_ptr, (tau - 1) * B + b, J, D, BLOCK_J, BLOCK_D)
-            G = _load_jd(G_ptr, (tau - 1) * B + b, J, D, BLOCK_J, BLOCK_D)
-            Bbar += _softmax_bwd(_coupling(u, V, J, BLOCK_J), u, G)
-        dv += tl.sum(Bbar[:, :, None] * u, axis=0)
-    _store_jd(part_ptr, b * tl.num_programs(1) + k, dv, J, D, BLOCK_J, BLOCK_D)
+    u_ptr, Vprev_ptr, G_ptr, part_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
+    t: tl.constexpr, T: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
+    DP: tl.constexpr,
+):  # fmt: skip
+    b, offs_b, b_ok = _sample(B)
+    n = tl.program_id(1)
+    j_ok = tl.arange(0, JP) < J
+    Vs = load_state(Vprev_ptr, offs_b, b_ok, B, J, D, t - 1, T, JP, DP)
+    Gs = load_state(G_ptr, offs_b, b_ok, B, J, D, t - 1, T, JP, DP)
+    dv = tl.zeros((1, JP, DP), dtype=tl.float32)
+    for chunk in range(0, N_CHUNKS):
+        offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+        offs, ok = _u_hat_offsets(b, offs_i, I, J, D, JP, DP)
+        u_hat = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        Bbar = logit_grad(u_hat, Vs, Gs, j_ok, T - t + 1)
+        dv += tl.sum(Bbar[:, :, :, None] * u_hat, axis=1)
+    store_rows(part_ptr + n * B * J * D, dv, offs_b, b_ok, J, D, JP, DP)
 
 
 # Backward pass that writes du (last launch of the backward).
-#   computes  du[i, j] = sum_{t >= t_first} c_t[i, j] G_t[j] + Bbar_t[i, j] v_t[j],
-#             walking t = T..t_first with Bbar_t = P_{t+1} + ... + P_T accumulated on the way
-#             (Bbar_T = 0); v_t = squash(S[t-1]) recomputed. t_first = 1 is the full gradient,
-#             t_first = T is detach_inner (du = c_T G_T).
-#   grid      (B, n_slices), as the forward pass
+#   computes  du[i, j] = sum_{t > TAU0} c_t[i, j] G_t[j] + P_t[i, j] V_{t-1}[j]
+#             (common.u_hat_grad_step); TAU0 = 0 is the full gradient, DETACH (TAU0 = T - 1) is
+#             detach_inner: du = c_T G_T
+#   grid      (B, n_slices), as the forward pass; the sample's state loaded once per program
 #   saves     nothing; du written in du's dtype
+#   bytes     reads E e + 4 (2T - 1) m, writes E e              FLOPs 2 E + (T - 1) (8 E + 9 I J)
+#             (detach_inner: reads E e + 8 m, FLOPs 4 E + 5 I J; t = 1 needs no logits: c_1 = 1/J)
 @triton.jit
 def _route_bwd_du_kernel(
-    u_ptr,
-    S_ptr,
-    Vs_ptr,
-    G_ptr,
-    du_ptr,
-    t_first,
-    T,
-    B,
-    I,
-    J,
-    D,
-    slice_len,
-    n_chunks,
-    EPS: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    for chunk in range(0, n_chunks):
-        i0 = k * slice_len + chunk * BLOCK_I
-        u = _load_u_tile(u_ptr, b, i0, I, J, D, BLOCK_I, BLOCK_J, BLOCK_D)
-        du = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_D), dtype=tl.float32)
-        Bbar = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-        for step in range(0, T - t_first + 1):
-            t = T - step
-            V = _load_jd(Vs_ptr, (t - 1) * B + b, J, D, BLOCK_J, BLOCK_D)
-            G = _load_jd(G_ptr, (t - 1) * B + b, J, D, BLOCK_J, BLOCK_D)
-            v = _squash(_load_jd(S_ptr, (t - 1) * B + b, J, D, BLOCK_J, BLOCK_D), EPS)
-            c = _coupling(u, V, J, BLOCK_J)
-            du += c[:, :, None] * G[None, :, :] + Bbar[:, :, None] * v[None, :, :]
-            Bbar += _softmax_bwd(c, u, G)
-        _store_u_tile(du_ptr, du, b, i0, I, J, D, BLOCK_I, BLOCK_J, BLOCK_D)
+    u_ptr, Vprev_ptr, G_ptr, du_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
+    TAU0: tl.constexpr, T: tl.constexpr, DETACH: tl.constexpr, BLOCK_I: tl.constexpr,
+    JP: tl.constexpr, DP: tl.constexpr,
+):  # fmt: skip
+    b, offs_b, b_ok = _sample(B)
+    n = tl.program_id(1)
+    j_ok = tl.arange(0, JP) < J
+    V0: tl.constexpr = TAU0 + (TAU0 == 0)  # V_0 = 0 is never read
+    Vs = load_state(Vprev_ptr, offs_b, b_ok, B, J, D, V0, T, JP, DP)
+    Gs = load_state(G_ptr, offs_b, b_ok, B, J, D, TAU0, T, JP, DP)
+    for chunk in range(0, N_CHUNKS):
+        offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+        offs, ok = _u_hat_offsets(b, offs_i, I, J, D, JP, DP)
+        u_hat = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        du_hat = tl.zeros(u_hat.shape, dtype=tl.float32)
+        for tau in tl.static_range(TAU0, T):
+            G = Gs[tau - TAU0]
+            V = Vs[tau - V0] if tau > 0 else G  # (unused for t = 1)
+            du_hat = u_hat_grad_step(du_hat, u_hat, V, G, j_ok, tau == 0, DETACH)
+        tl.store(du_ptr + offs, du_hat.to(du_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch helpers
+# Launch geometry and costs
 # ---------------------------------------------------------------------------------------------
-
-
-def is_interpreted() -> bool:
-    """True when these kernels run under the Triton interpreter (TRITON_INTERPRET=1 was set
-    before triton was first imported)."""
-    return interpreted(_route_fwd_pass_kernel)
-
-
-_alloc = buffer  # outputs and scratch: NaN-filled under CAPSFAST_POISON=1
 
 
 def _env_int(name: str) -> int | None:
@@ -361,188 +207,152 @@ def _env_int(name: str) -> int | None:
     return n
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * sm_count(device)
-    return 1  # the interpreter runs programs one after another: fewer, larger ones are faster
+# GPU tile: values of u_hat per [BLOCK_I, JP, DP] tile, 8 fp32 registers per thread and tile at
+# 4 warps, so that triton 3.6's ptxas allocates the backward passes without spills and with
+# several warps per scheduler (the passes are memory-bound).
+GPU_TILE = 1024
 
 
-def _tiling(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
+def _tiling(B: int, I: int, J: int, D: int, programs: int, gpu: bool) -> dict:
     """Tile sizes and the (sample, i-slice) grid.
 
-    BLOCK_J, BLOCK_D: J and D padded to powers of two (masked). BLOCK_I: rows of i per tile, so
-    that a [BLOCK_I, BLOCK_J, BLOCK_D] fp32 tile is about 2K values on the GPU (a few registers per
-    thread per live tile) and larger under the interpreter. n_slices: i-slices per sample, enough
-    for B * n_slices to fill the GPU; each program walks n_chunks tiles of its slice.
+    JP, DP: J and D padded to powers of two (masked). BLOCK_I: rows of i per tile, so that a
+    [BLOCK_I, JP, DP] fp32 tile holds GPU_TILE values on the GPU and 32K under the interpreter. n_slices: i-slices per sample, enough for
+    B * n_slices to reach `programs`; each program walks N_CHUNKS tiles of its slice.
     """
-    BLOCK_J = triton.next_power_of_2(J)
-    BLOCK_D = triton.next_power_of_2(D)
-    tile_values = 2048 if device.type == "cuda" else 32768
-    BLOCK_I = _env_int("CAPSFAST_ROUTING_BLOCK_I") or max(1, tile_values // (BLOCK_J * BLOCK_D))
+    JP = triton.next_power_of_2(J)
+    DP = triton.next_power_of_2(D)
+    tile_values = GPU_TILE if gpu else 32768
+    BLOCK_I = _env_int("CAPSFAST_ROUTING_BLOCK_I") or max(1, tile_values // (JP * DP))
     if BLOCK_I & (BLOCK_I - 1):
         raise ValueError(f"CAPSFAST_ROUTING_BLOCK_I must be a power of two, got {BLOCK_I}")
     BLOCK_I = min(BLOCK_I, triton.next_power_of_2(I))
     n_blocks = triton.cdiv(I, BLOCK_I)
-    n_slices = _env_int("CAPSFAST_ROUTING_SLICES") or triton.cdiv(_target_programs(device), B)
+    n_slices = _env_int("CAPSFAST_ROUTING_SLICES") or triton.cdiv(programs, max(B, 1))
     n_slices = min(n_slices, n_blocks)
     n_chunks = triton.cdiv(n_blocks, n_slices)
     n_slices = triton.cdiv(n_blocks, n_chunks)  # no empty slice
     return dict(
         BLOCK_I=BLOCK_I,
-        BLOCK_J=BLOCK_J,
-        BLOCK_D=BLOCK_D,
+        JP=JP,
+        DP=DP,
         n_slices=n_slices,
-        n_chunks=n_chunks,
-        slice_len=n_chunks * BLOCK_I,
+        N_CHUNKS=n_chunks,
+        I_PER_PROG=n_chunks * BLOCK_I,
     )
 
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def _launch_tiling(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
+    if interpreted(_route_fwd_pass_kernel):
+        return _tiling(B, I, J, D, programs=1, gpu=False)  # the interpreter runs programs in turn
+    return _tiling(B, I, J, D, programs=4 * common.sm_count(device), gpu=True)
 
 
-def _check_inputs(u_hat: torch.Tensor, bias: torch.Tensor | None, iterations: int) -> None:
-    if u_hat.dim() != 4:
-        raise ValueError(f"route_triton: u_hat must be [B, I, J, D]; got {tuple(u_hat.shape)}")
-    if u_hat.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"route_triton: u_hat dtype {u_hat.dtype} is not supported (float32, bfloat16, "
-            "float16; the kernels compute in float32). Use impl='torch' for float64."
-        )
-    if iterations < 1:
-        raise ValueError(f"route_triton: iterations must be >= 1, got {iterations}")
-    if min(u_hat.shape[1:]) < 1:
-        raise ValueError(f"route_triton: I, J and D must be >= 1; got {tuple(u_hat.shape)}")
-    if bias is not None:
-        if tuple(bias.shape) != tuple(u_hat.shape[2:]):
-            raise ValueError(
-                f"route_triton: bias must be [J, D] = {list(u_hat.shape[2:])}, "
-                f"got {list(bias.shape)}"
-            )
-        if bias.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"route_triton: bias dtype {bias.dtype} is not supported")
-        if bias.device != u_hat.device:
-            raise ValueError(f"route_triton: bias is on {bias.device}, u_hat on {u_hat.device}")
-    _check_device(u_hat.device)
+def pass_costs(
+    B: int,
+    I: int,
+    J: int,
+    D: int,
+    Din: int | None = None,
+    T: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    detach_inner: bool = False,
+    bias: bool = True,
+    *,
+    backward: bool = True,
+    sms: int = 132,
+) -> dict:
+    """Bytes and FLOPs of every launch of route_triton on u_hat [B, I, J, D] of `dtype` (forward,
+    and the backward unless backward=False), with the GPU geometry for a device with `sms` SMs
+    (132: H100); the model is kernels.common.pass_costs. Din is unused (u_hat is given; the
+    argument keeps one signature with kernels.digit_caps.pass_costs)."""
+    del Din
+    e = torch.empty((), dtype=dtype).element_size()
+    n = _tiling(B, I, J, D, programs=4 * sms, gpu=True)["n_slices"]
+    E = B * I * J * D
+    names = dict(fwd="_route_fwd_pass_kernel", bwd="_route_bwd_pass_kernel",
+                 last="_route_bwd_du_kernel", last_pass="du")  # fmt: skip
+    return common.pass_costs(
+        B, I, J, D, T, detach_inner, bias, out_bytes=e, n_slices=n, pass_bytes=E * e,
+        pass_l2=E * e, pose_flops=0, last_bytes=2 * E * e, last_programs=n, names=names,
+        backward=backward,
+    )  # fmt: skip
 
 
-def _check_device(device: torch.device) -> None:
-    check_device(device, _route_fwd_pass_kernel, "route_triton", "impl='torch'")
+# ---------------------------------------------------------------------------------------------
+# Launch wrappers (they trust their callers: route_triton validates)
+# ---------------------------------------------------------------------------------------------
 
 
 def _route_forward(u_hat, bias, iterations):
-    """Launch the forward passes; returns v (u_hat's dtype), S and Vs ([T, B, J, D] fp32)."""
-    _check_inputs(u_hat, bias, iterations)
+    """Launch the forward passes; returns v (u_hat's dtype), S and Vprev ([T, B, J, D] fp32)."""
     u = u_hat.contiguous()
     B, I, J, D = u.shape
     T = iterations
     dev = u.device
-    tiles = _tiling(B, I, J, D, dev)
-    ns = tiles["n_slices"]
-    out = _alloc((B, J, D), u.dtype, dev)
-    S = _alloc((T, B, J, D), torch.float32, dev)
-    Vs = _alloc((T, B, J, D), torch.float32, dev)
-    Vs[0].zero_()
-    part = _alloc((B, ns, J, D), torch.float32, dev)
-    beta = bias.contiguous() if bias is not None else S  # S: a placeholder pointer, never read
+    g = _launch_tiling(B, I, J, D, dev)
+    ns, blocks = g["n_slices"], dict(JP=g["JP"], DP=g["DP"])
+    out = buffer((B, J, D), u.dtype, dev)
+    S = buffer((T, B, J, D), torch.float32, dev)
+    Vprev = buffer((T, B, J, D), torch.float32, dev)
     if B == 0:
-        return out, S, Vs
-    for t in range(1, T + 1):
-        _route_fwd_pass_kernel[(B, ns)](
-            u,
-            Vs,
-            part,
-            t,
-            B,
-            I,
-            J,
-            D,
-            tiles["slice_len"],
-            tiles["n_chunks"],
-            BLOCK_I=tiles["BLOCK_I"],
-            BLOCK_J=tiles["BLOCK_J"],
-            BLOCK_D=tiles["BLOCK_D"],
-        )
-        _route_fwd_finalize_kernel[(B,)](
-            part,
-            beta,
-            S,
-            Vs,
-            out,
-            t,
-            T,
-            B,
-            ns,
-            J,
-            D,
-            HAS_BIAS=bias is not None,
-            EPS=SQUASH_EPS,
-            BLOCK_J=tiles["BLOCK_J"],
-            BLOCK_D=tiles["BLOCK_D"],
-        )
-    return out, S, Vs
+        return out, S, Vprev
+    Vprev[0].zero_()  # V_0 = 0: uniform coupling in the first iteration
+    part = buffer((ns, B, J, D), torch.float32, dev)
+    beta = bias.contiguous() if bias is not None else S  # S: a placeholder pointer, never read
+    fb = finish_block(B, g["JP"], g["DP"])
+    with common.on_device(dev):
+        for t in range(1, T + 1):
+            _route_fwd_pass_kernel[(B, ns)](
+                u, Vprev[t - 1], part, B, I, J, D, g["I_PER_PROG"], g["N_CHUNKS"],
+                BLOCK_I=g["BLOCK_I"], **blocks,
+            )  # fmt: skip
+            last = t == T
+            fwd_finish_kernel[(triton.cdiv(B, fb),)](
+                part, ns, beta, Vprev[t - 1], Vprev[t - 1] if last else Vprev[t], S[t - 1], out,
+                B, J, D, HAS_BIAS=bias is not None, LAST=last, EPS=SQUASH_EPS, BLOCK_B=fb,
+                **blocks,
+            )  # fmt: skip
+    return out, S, Vprev
 
 
-def _route_backward(grad_v, u_hat, S, Vs, detach_inner):
+def _route_backward(grad_v, u_hat, S, Vprev, detach_inner):
     """Launch the backward passes; returns du (u_hat's dtype) and d(bias) (fp32, [J, D])."""
     u = u_hat.contiguous()
     B, I, J, D = u.shape
     T = S.shape[0]
     dev = u.device
-    _check_device(dev)
-    tiles = _tiling(B, I, J, D, dev)
-    ns = tiles["n_slices"]
-    grid = (B, ns)
-    blocks = dict(BLOCK_J=tiles["BLOCK_J"], BLOCK_D=tiles["BLOCK_D"])
-    G = _alloc((T, B, J, D), torch.float32, dev)
-    du = _alloc((B, I, J, D), u.dtype, dev)
+    g = _launch_tiling(B, I, J, D, dev)
+    ns, blocks = g["n_slices"], dict(JP=g["JP"], DP=g["DP"])
+    walk = (g["I_PER_PROG"], g["N_CHUNKS"])
+    G = buffer((T, B, J, D), torch.float32, dev)  # G_t = dL/ds_t (detach_inner: only G_T)
+    du = buffer((B, I, J, D), u.dtype, dev)
     if B == 0:
         return du, torch.zeros((J, D), dtype=torch.float32, device=dev)
-    # G_T = squash_bwd(s_T, dL/dv_T): the incoming gradient is the single "partial" per sample.
-    _route_bwd_finalize_kernel[(B,)](
-        grad_v.contiguous(), S, G, T, B, 1, J, D, EPS=SQUASH_EPS, **blocks
-    )
-    t_first = T if detach_inner else 1
-    if t_first < T:
-        part = _alloc((B, ns, J, D), torch.float32, dev)
-        for t in range(T, 1, -1):  # dL/dv_{t-1}, then G_{t-1}
-            _route_bwd_pass_kernel[grid](
-                u,
-                Vs,
-                G,
-                part,
-                t,
-                T,
-                B,
-                I,
-                J,
-                D,
-                tiles["slice_len"],
-                tiles["n_chunks"],
-                BLOCK_I=tiles["BLOCK_I"],
-                **blocks,
-            )
-            _route_bwd_finalize_kernel[(B,)](
-                part, S, G, t - 1, B, ns, J, D, EPS=SQUASH_EPS, **blocks
-            )
-    _route_bwd_du_kernel[grid](
-        u,
-        S,
-        Vs,
-        G,
-        du,
-        t_first,
-        T,
-        B,
-        I,
-        J,
-        D,
-        tiles["slice_len"],
-        tiles["n_chunks"],
-        EPS=SQUASH_EPS,
-        BLOCK_I=tiles["BLOCK_I"],
-        **blocks,
-    )
-    dbias = G[t_first - 1 :].sum(dim=(0, 1))  # d(bias) = sum over iterations and batch of G_t
+    fb = finish_block(B, g["JP"], g["DP"])
+    finish_grid = (triton.cdiv(B, fb),)
+    tau0 = T - 1 if detach_inner else 0
+    with common.on_device(dev):
+        # G_T = squash_bwd(s_T, dL/dv_T): the incoming gradient is the single "partial".
+        bwd_finish_kernel[finish_grid](
+            grad_v.contiguous(), 1, S[T - 1], G[T - 1], B, J, D, EPS=SQUASH_EPS, BLOCK_B=fb,
+            **blocks,
+        )  # fmt: skip
+        if not detach_inner:
+            part = buffer((ns, B, J, D), torch.float32, dev)
+            for t in range(T, 1, -1):  # dL/dv_{t-1}, then G_{t-1}
+                _route_bwd_pass_kernel[(B, ns)](
+                    u, Vprev, G, part, B, I, J, D, *walk, t=t, T=T, BLOCK_I=g["BLOCK_I"],
+                    **blocks,
+                )  # fmt: skip
+                bwd_finish_kernel[finish_grid](
+                    part, ns, S[t - 2], G[t - 2], B, J, D, EPS=SQUASH_EPS, BLOCK_B=fb, **blocks
+                )
+        _route_bwd_du_kernel[(B, ns)](
+            u, Vprev, G, du, B, I, J, D, *walk, TAU0=tau0, T=T, DETACH=detach_inner,
+            BLOCK_I=g["BLOCK_I"], **blocks,
+        )  # fmt: skip
+    dbias = G[tau0:].sum(dim=(0, 1))  # d(bias) = sum over iterations and batch of G_t
     return du, dbias
 
 
@@ -555,8 +365,9 @@ def _route_backward(grad_v, u_hat, S, Vs, detach_inner):
 def route_op(
     u_hat: torch.Tensor, bias: torch.Tensor | None, iterations: int, detach_inner: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """v [B, J, D] (u_hat's dtype), and for the backward S (s_t) and Vs (V_{t-1}), [T, B, J, D]
-    fp32. detach_inner does not change the forward; it is an argument for the backward."""
+    """v [B, J, D] (u_hat's dtype), and for the backward S (s_t) and Vprev (V_{t-1}),
+    [T, B, J, D] fp32. detach_inner does not change the forward; it is an argument for the
+    backward."""
     return _route_forward(u_hat, bias, iterations)
 
 
@@ -572,39 +383,42 @@ def route_backward_op(
     grad_v: torch.Tensor,
     u_hat: torch.Tensor,
     S: torch.Tensor,
-    Vs: torch.Tensor,
+    Vprev: torch.Tensor,
     detach_inner: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """du [B, I, J, D] (u_hat's dtype) and d(bias) [J, D] (fp32) from dL/dv [B, J, D]."""
-    return _route_backward(grad_v, u_hat, S, Vs, detach_inner)
+    return _route_backward(grad_v, u_hat, S, Vprev, detach_inner)
 
 
 @route_backward_op.register_fake
-def _route_backward_fake(grad_v, u_hat, S, Vs, detach_inner):
+def _route_backward_fake(grad_v, u_hat, S, Vprev, detach_inner):
     return torch.empty_like(u_hat), u_hat.new_empty(u_hat.shape[2:], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     u_hat, bias, _iterations, detach_inner = inputs
-    _v, S, Vs = output
-    ctx.save_for_backward(u_hat, S, Vs)
+    _v, S, Vprev = output
+    ctx.save_for_backward(u_hat, S, Vprev)
     ctx.detach_inner = detach_inner
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(S, Vprev)
 
 
-def _backward(ctx, grad_v, _grad_S, _grad_Vs):
-    u_hat, S, Vs = ctx.saved_tensors
-    du, dbias = route_backward_op(grad_v, u_hat, S, Vs, ctx.detach_inner)
+def _backward(ctx, grad_v, _grad_S, _grad_Vprev):
+    u_hat, S, Vprev = ctx.saved_tensors
+    du, dbias = route_backward_op(grad_v, u_hat, S, Vprev, ctx.detach_inner)
     dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
     return du, dbias, None, None
 
 
 route_op.register_autograd(_backward, setup_context=_setup_context)
+# Autocast: see kernels/digit_caps.py, "Autocast"; both ops follow the same rule (no autocast
+# kernel: inputs reach the op as they are).
 
-# Autocast: no autocast kernel is registered on purpose. Autocast's fallthrough then calls the op
-# with its inputs as they are (bf16 u_hat stays bf16, an fp32 bias stays fp32), exactly as the
-# reference does: it computes in fp32 internally and returns u_hat's dtype. Casting the inputs
-# (torch.library.register_autocast) would change the output dtype and the bytes read.
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
 
 
 def route_triton(
@@ -618,9 +432,16 @@ def route_triton(
 
     Same contract as capsfast.routing.route_torch: fp32 math, v in u_hat's dtype, gradients for
     u_hat and bias (full through every iteration, or only through the last with detach_inner).
+    The one place its arguments are checked (capsfast.routing.route dispatches here unchecked).
     """
-    _check_inputs(u_hat, bias, int(iterations))
-    v, _S, _Vs = route_op(u_hat, bias, int(iterations), bool(detach_inner))
+    check_route_args(u_hat, iterations, bias, op="route_triton")
+    if min(u_hat.shape[1:]) < 1:
+        raise ValueError(f"route_triton: I, J and D must be >= 1; got {tuple(u_hat.shape)}")
+    common.check_dtypes("route_triton", "impl='torch'", u_hat=u_hat, bias=bias)
+    if bias is not None and bias.device != u_hat.device:
+        raise ValueError(f"route_triton: bias is on {bias.device}, u_hat on {u_hat.device}")
+    common.check_device(u_hat.device, _route_fwd_pass_kernel, "route_triton", "impl='torch'")
+    v, _S, _Vprev = route_op(u_hat, bias, int(iterations), bool(detach_inner))
     return v
 
 
@@ -643,7 +464,8 @@ def _probe(device: torch.device) -> tuple[bool, str]:
                 return False, f"triton routing gives wrong {name} on {device}"
     except Exception as e:  # any failure means: fall back to the reference
         return False, f"triton routing failed on {device}: {type(e).__name__}: {e}"
-    return True, f"triton routing runs on {device}" + (" (interpreter)" if is_interpreted() else "")
+    where = " (interpreter)" if interpreted(_route_fwd_pass_kernel) else ""
+    return True, f"triton routing runs on {device}{where}"
 
 
 def triton_available(device: torch.device | str, probe: bool = True) -> tuple[bool, str]:
@@ -657,7 +479,7 @@ def triton_available(device: torch.device | str, probe: bool = True) -> tuple[bo
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     elif device.type == "cpu":
-        if not is_interpreted():
+        if not interpreted(_route_fwd_pass_kernel):
             return False, "Triton runs on CPU only under its interpreter (TRITON_INTERPRET=1)"
     else:
         return False, f"Triton routing does not support device type {device.type!r}"

@@ -51,7 +51,7 @@ PREDICTED = re.compile(r"Prediction: (\d)")
 @pytest.fixture(scope="module")
 def digits():
     mnist = load_mnist()
-    return mnist.test_images[:20], mnist.test_labels[:20]
+    return mnist.test_images[:20, 0], mnist.test_labels[:20]  # [N, 28, 28]: the one channel
 
 
 def test_app_logic(trained_model_dir, digits):

@@ -24,8 +24,11 @@ def mnist():
 
 
 def test_shipped_copy_is_real_mnist(mnist):
-    assert mnist.train_images.shape == (60000, 28, 28) and mnist.train_images.dtype == torch.uint8
-    assert mnist.test_images.shape == (10000, 28, 28)
+    # The data layer's shape: uint8 [N, C, H, W] (MNIST: one channel).
+    assert (
+        mnist.train_images.shape == (60000, 1, 28, 28) and mnist.train_images.dtype == torch.uint8
+    )
+    assert mnist.test_images.shape == (10000, 1, 28, 28)
     assert mnist.test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert torch.bincount(mnist.train_labels).tolist()[:2] == [5923, 6742]
     assert mnist.train_images.float().mean().item() == pytest.approx(33.32, abs=0.05)

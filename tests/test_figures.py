@@ -37,7 +37,7 @@ def model(trained_model_dir):
 @pytest.fixture(scope="module")
 def test_set():
     mnist = load_mnist()
-    return mnist.test_images[:300], mnist.test_labels[:300]
+    return mnist.test_images[:300, 0], mnist.test_labels[:300]  # [N, 28, 28]: the one channel
 
 
 def _png(path: Path) -> np.ndarray:

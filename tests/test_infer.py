@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from capsfast import cli
-from capsfast.data import load_mnist, to_float
+from capsfast.data import MNIST_CLASSES, load_mnist, to_float
 from capsfast.errors import UserError
 from capsfast.infer import (
     ImageError,
@@ -42,7 +42,7 @@ TOLERANCE = 0.04  # accuracy on styled files may trail the model's own accuracy 
 @pytest.fixture(scope="module")
 def digits():
     mnist = load_mnist()
-    return mnist.test_images[:N], mnist.test_labels[:N]
+    return mnist.test_images[:N, 0], mnist.test_labels[:N]  # [N, 28, 28]: the one channel
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,8 @@ def test_predict_cli_json_subprocess(tmp_path, trained_model_dir, digits):
     correct = 0
     for i, path in enumerate(good):
         r = by_path[path.name]
-        assert set(r) == {"path", "label", "lengths"}
+        assert set(r) == {"path", "label", "class_name", "lengths"}
+        assert r["class_name"] == MNIST_CLASSES[r["label"]]  # e.g. "7 - seven"
         assert isinstance(r["label"], int) and len(r["lengths"]) == 10
         assert r["label"] == max(range(10), key=lambda k: r["lengths"][k])
         correct += r["label"] == int(labels[i])

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 from capsfast.kernels import routing as kr
+from capsfast.kernels.common import buffer
 
 from capsfast import CapsNet, margin_loss, reconstruction_loss
 from capsfast.routing import route
@@ -148,9 +149,10 @@ def test_deterministic():
 
 
 def test_poison_fills_buffers_with_nan():
-    """The NaN poisoning the other tests rely on is switched on."""
-    buf = kr._alloc((3, 4), torch.bfloat16, DEVICE)
-    assert torch.isnan(buf).all()
+    """The NaN poisoning the tests of both ops rely on (kernels.common.buffer) is switched on."""
+    assert torch.isnan(buffer((3, 4), torch.bfloat16, DEVICE)).all()
+    assert torch.isnan(buffer((3, 4), torch.float32, DEVICE)).all()
+    assert torch.isnan(buffer((3,), torch.bfloat16, DEVICE)).all()
 
 
 # --- torch.library: opcheck, torch.compile, autocast ----------------------------------------
@@ -205,6 +207,112 @@ def test_autocast_matches_reference():
         out[impl] = (v, *torch.autograd.grad(loss, (W, bias)))
     for name, got, want in zip(("v", "dW", "dbias"), out["triton"], out["torch"], strict=True):
         assert_close(got, want, amp, f"autocast {name}")
+
+
+def test_autocast_passes_inputs_through():
+    """Both ops follow one autocast rule, on CPU and CUDA alike: no autocast kernel, so autocast's
+    fallthrough hands them their inputs as they are (bf16 u_hat, fp32 bias); they compute in
+    fp32 and return u_hat's dtype, bit for bit what they return outside autocast."""
+    import capsfast.kernels.digit_caps  # noqa: F401  (registers capsfast::digit_caps)
+
+    for op in ("capsfast::route", "capsfast::digit_caps"):
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
+    u, _, grad_v = make_inputs((2, 37, 7, 5), torch.bfloat16, False, seed=10)
+    bias = (torch.randn(7, 5, generator=torch.Generator().manual_seed(11)) * 0.3).to(DEVICE)
+    bias.requires_grad_(True)
+    out = {}
+    for amp in (True, False):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
+            v = route(u, 3, bias=bias, impl="triton")
+        out[amp] = (v, *torch.autograd.grad(v, (u, bias), grad_v))
+    assert [x.dtype for x in out[True]] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    for got, want in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --- launch device, validation, costs --------------------------------------------------------
+
+
+class _CudaCurrentDevice:
+    """Stands in for torch.cuda.device where no GPU exists: keeps the index of the current CUDA
+    device, which is what a Triton launch runs on."""
+
+    current = 0
+
+    def __init__(self, device):
+        self.index = torch.device(device).index
+
+    def __enter__(self):
+        self.previous, _CudaCurrentDevice.current = _CudaCurrentDevice.current, self.index
+
+    def __exit__(self, *exc):
+        _CudaCurrentDevice.current = self.previous
+        return False
+
+
+@pytest.mark.parametrize("op", ["route", "digit_caps"])
+def test_launches_run_on_the_tensors_device(monkeypatch, op):
+    """u on cuda:1 while cuda:0 is current: every kernel of the op (forward and backward) must
+    launch with cuda:1 current (kernels.common.on_device), and cuda:0 be current again after.
+    No second GPU exists here: the wrappers run on fake tensors that claim cuda:1, with recorders
+    in place of the jit kernels (the same capture the compile check uses)."""
+    from capsfast.kernels import common
+    from capsfast.kernels import digit_caps as kd
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    module = kr if op == "route" else kd
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, _CudaCurrentDevice.current))
+
+    kernels = sorted(name for name in dir(module) if name.endswith("_kernel"))
+    for name in kernels:
+        monkeypatch.setattr(module, name, Recorder(name))
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "device", _CudaCurrentDevice)
+    monkeypatch.setattr(_CudaCurrentDevice, "current", 0)
+    dev = torch.device("cuda", 1)
+    with FakeTensorMode():
+        bias = torch.empty(10, 16, device=dev)
+        if op == "route":
+            u_hat = torch.empty(4, 64, 10, 16, device=dev, dtype=torch.bfloat16)
+            v, S, Vprev = kr._route_forward(u_hat, bias, 3)
+            kr._route_backward(torch.empty_like(v), u_hat, S, Vprev, False)
+        else:
+            u = torch.empty(4, 64, 8, device=dev, dtype=torch.bfloat16)
+            W = torch.empty(64, 10, 16, 8, device=dev)
+            v, s_all, Vprev = kd._forward(u, W, bias, 3)
+            kd._backward(torch.empty_like(v), u, W, bias, s_all, Vprev, 3, False)
+    assert sorted({name for name, _ in launches}) == kernels  # every kernel of the op launched
+    assert {device for _, device in launches} == {1}
+    assert _CudaCurrentDevice.current == 0
+
+
+def test_pass_costs_by_hand():
+    """kernels.routing.pass_costs at B=2, I=4, J=3, D=2, T=2, fp32, bias, full gradient, one
+    partial per sample (E = B I J D = 48 values of u_hat, 4 bytes; m = B J D = 12; IJ = 24).
+    Bytes, tensor by tensor: u_hat read by T forward + T-1 backward passes and by the du pass,
+    du written: (2T + 1) 4E = 960; V_0 zeroed 48; V_{t-1} read by the forward passes 96;
+    partials written and read by 3 passes 288; bias read per finish 48; forward finishes write
+    s_t (96), update V (96) and write v (48); backward finish of G_T reads dL/dv and s_T and
+    writes G_T (144); the backward pass reads V_1, G_2 (96); its finish reads s_1, writes G_1
+    (96); the du pass reads G_1, G_2 and V_1 (144); dbias reads G (96) and writes 24."""
+    costs = kr.pass_costs(2, 4, 3, 2, None, 2, torch.float32, False, True, sms=1)
+    assert costs["bytes"] == 960 + 48 + 96 + 288 + 48 + 240 + 144 + 96 + 96 + 144 + 120 == 2280
+    # FLOPs: forward passes T (4E + 5 IJ) = 624; finishes T (n + 6) m = 168; backward finishes
+    # 2 x 9m = 216; backward pass (4E + 10 IJ) + 2E = 528; du pass 2E (t = 1) + 8E + 9 IJ = 696;
+    # dbias T m = 24.
+    assert costs["flops"] == 624 + 168 + 216 + 528 + 696 + 24 == 2256
+    assert costs["l2_bytes"] == costs["bytes"]  # one program per sample: nothing re-read
+    assert [p["kernel"] for p in costs["passes"]].count("_route_fwd_pass_kernel") == 2
+    forward = kr.pass_costs(2, 4, 3, 2, None, 2, torch.float32, False, True, backward=False, sms=1)
+    assert forward["bytes"] == 48 + 288 + 216 + 288 + 168
 
 
 # --- the whole model -------------------------------------------------------------------------
