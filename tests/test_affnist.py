@@ -30,7 +30,7 @@ def test_expanded_mnist_places_each_digit_anywhere_on_the_canvas(mnist):
     assert len(torch.unique(dy * 13 + dx)) == 169
     i = 5
     top, left = 6 + dy[i].item(), 6 + dx[i].item()
-    assert torch.equal(x[i, 0, top : top + 28, left : left + 28], mnist.train_images[index[i]])
+    assert torch.equal(x[i, 0, top : top + 28, left : left + 28], mnist.train_images[index[i], 0])
     # a pure function of (seed, epoch, index)
     again = affnist.expanded(mnist.train_images, index[100:200], seed=0, epoch=4)
     assert torch.equal(again, x[100:200])

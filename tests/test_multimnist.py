@@ -40,7 +40,7 @@ def test_pairs_follow_the_authors_rule(mnist, pairing):
         for i in (0, 1, n // 2, n - 1):
             dy, dx = (4 + p.shifts[i, k]).tolist()
             alone = p.digits[i, k, 0]
-            assert torch.equal(alone[dy : dy + 28, dx : dx + 28], mnist.train_images[idx[i]])
+            assert torch.equal(alone[dy : dy + 28, dx : dx + 28], mnist.train_images[idx[i], 0])
             assert alone.sum() == mnist.train_images[idx[i]].sum()
     # the overlay: the two added, clipped at 255 (the authors' rule, not a pixel-wise max)
     total = p.digits[:, 0].int() + p.digits[:, 1].int()
