@@ -56,7 +56,11 @@ class TrainConfig:
         "training images held out for validation and best-checkpoint choice, at most a tenth of "
         "them (0: none)",
     )
-    test_size: int | None = _f(None, "evaluate on the first N test images (default: all)")
+    test_size: int | None = _f(
+        None,
+        "evaluate on the first N test images (default: all); caps the generated test sets too "
+        "(multimnist: 100,000 fixed pairs; affnist: the expanded set and affNIST)",
+    )
     test_fraction: float = _f(
         0.2,
         "folder: data sets without train/ and test/: the fraction of each class held out as the "
