@@ -3,12 +3,14 @@
     python bench/report.py bench/results/cpu/*.json --markdown OUT.md --chart OUT.png
     python bench/report.py --records bench/results/records --markdown OUT.md
     python bench/report.py --gpu-check bench/results/gpu/DIR --markdown OUT.md
+    python bench/report.py --paper bench/results/paper --markdown OUT.md
 
 Benchmark JSONs are pytest-benchmark's `--benchmark-json` files written by bench/; every row's
 speedup is the baseline's median over its own, within its benchmark group (same device, subject,
 batch and, for routing, dtype). Record logs are bench/record.py's one-JSON-per-run files. A
 gpu_check directory (bench/gpu_check.py) holds both, plus environment.json and steps.json: its
-report is the environment, every step with its command and outcome, and the tables.
+report is the environment, every step with its command and outcome, and the tables. Paper logs
+are bench/paper.py's (the paper's tables: `paper_table`).
 """
 
 from __future__ import annotations
@@ -328,17 +330,71 @@ def render_gpu_check(directory) -> str:
     return "\n".join(parts)
 
 
+# --------------------------------------------------------------------------- the paper's tables
+def _paper_rows():
+    try:  # imported as bench.report (tests) or as a script beside paper.py
+        from bench.paper import ROWS
+    except ImportError:
+        from paper import ROWS
+    return ROWS
+
+
+def _percent(values: list[float]) -> str:
+    s = spread(values)
+    return (
+        f"{100 * s['mean']:.2f}% ± {100 * s['std']:.2f}"
+        if s["n"] > 1
+        else f"{100 * s['mean']:.2f}%"
+    )
+
+
+def paper_table(logs: list[dict]) -> str:
+    """README's "Paper reproduction" table: every row of bench/paper.py (Table 1's MNIST and
+    MultiMNIST columns, section 5.2's affNIST), the paper's figure beside ours from the logs of
+    bench/paper.py (test error, mean ± std over seeds; affNIST: accuracy, and the expanded-MNIST
+    test accuracy it was reached at). Rows without logs say "not run"."""
+    lines = [
+        "| experiment | row | paper | ours | seeds | test images | steps (epochs) | training budget "
+        "| device | commit |",
+        "|---|---|---|---|---:|---:|---|---|---|---|",
+    ]
+    for row in _paper_rows():
+        rs = [r for r in logs if r.get("experiment") == row.experiment and r.get("row") == row.name]
+        if not rs:
+            lines.append(f"| {row.experiment} | {row.name} | {row.paper} | not run | 0 | | | | | |")
+            continue
+        if row.experiment == "affnist":
+            ours = (f"{_percent([r['affnist_accuracy'] for r in rs])} (at "
+                    f"{_percent([r['test_accuracy'] for r in rs])})")  # fmt: skip
+            sizes = f"{rs[0]['test_size']:,} + {rs[0]['affnist_size']:,}"
+        else:
+            ours = _percent([1 - r["test_accuracy"] for r in rs])
+            sizes = f"{rs[0]['test_size']:,}"
+        steps = spread([r["steps"] for r in rs])
+        epochs = spread([r["epochs"] for r in rs])
+        budgets = sorted({r.get("budget_s") for r in rs}, key=str)
+        budget = ", ".join("none" if b is None else f"{b:g} s" for b in budgets)
+        lines.append(
+            f"| {row.experiment} | {row.name} | {row.paper} | {ours} | {len(rs)} | {sizes} | "
+            f"{steps['mean']:,.0f} ({epochs['mean']:.2g}) | {budget} | "
+            f"{', '.join(sorted({r['device'] for r in rs}))} | "
+            f"{', '.join(sorted({r['commit'] for r in rs}))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*", help="pytest-benchmark JSON files from bench/")
     parser.add_argument("--records", help="directory of bench/record.py run logs")
     parser.add_argument("--gpu-check", help="a bench/gpu_check.py result directory")
+    parser.add_argument("--paper", help="directory of bench/paper.py run logs (paper's tables)")
     parser.add_argument("--markdown", help="write the table(s) here (default: print)")
     parser.add_argument("--chart", help="PNG of each path's speedup over the eager baseline")
     args = parser.parse_args(argv)
-    if not args.results and not args.records and not args.gpu_check:
-        parser.error("give benchmark JSON files, --records DIR and/or --gpu-check DIR")
+    if not args.results and not args.records and not args.gpu_check and not args.paper:
+        parser.error("give benchmark JSON files, --records DIR, --gpu-check DIR and/or --paper DIR")
 
     parts = []
     if args.gpu_check:
@@ -355,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         if not records:
             parser.error(f"no record logs (*.json) in {args.records}")
         parts.append(records_table(records))
+    if args.paper:
+        parts.append(paper_table(load_records(args.paper)))
     text = "\n".join(parts)
     if args.markdown:
         Path(args.markdown).write_text(text)

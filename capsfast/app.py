@@ -23,7 +23,7 @@ import socket
 import torch
 
 from capsfast.errors import UserError
-from capsfast.infer import ImageError, read_digit, to_uint8
+from capsfast.infer import ImageError, has_decoder, read_digit, to_uint8
 
 DELTA_RANGE = 0.25  # slider range, as in the capsule-dimension figure
 DISPLAY = 8  # 28x28 images are shown at 8x (224 px), nearest neighbour; others near 224 px
@@ -51,7 +51,9 @@ class AppModel:
         self.device = next(model.parameters()).device
         self.config = model.config
         self.num_classes = model.config.num_classes
-        self.dim = model.config.digit_dim
+        # The paper's baseline CNN has no capsules and no decoder: probabilities, no sliders.
+        self.capsules = has_decoder(model)
+        self.dim = model.config.digit_dim if self.capsules else 0
         self.class_names = model.config.labels  # the bars' labels
 
     @torch.no_grad()
@@ -60,15 +62,18 @@ class AppModel:
         prediction dict (raises ImageError)."""
         x = read_digit(_picture(picture), self.config)
         out = self.model(x.unsqueeze(0).to(self.device))
-        lengths = out.lengths[0].float().cpu()
+        if not self.capsules:  # the baseline: softmax probabilities, nothing to reconstruct
+            lengths = out.scores[0].float().softmax(0).cpu()
+        else:
+            lengths = out.lengths[0].float().cpu()
         label = int(lengths.argmax())
         return {
             "label": label,
             "class_name": self.class_names[label],
             "lengths": [float(v) for v in lengths],
-            "pose": [float(v) for v in out.poses[0, label].float().cpu()],
+            "pose": [float(v) for v in out.poses[0, label].float().cpu()] if self.capsules else [],
             "input": x,
-            "reconstruction": out.reconstructions[0].float().cpu(),
+            "reconstruction": out.reconstructions[0].float().cpu() if self.capsules else None,
         }
 
     @torch.no_grad()
@@ -138,7 +143,9 @@ def build_app(model: torch.nn.Module):
             with gr.Column():
                 prediction = gr.Markdown("**Prediction:** draw a digit", elem_id=PRED_ID)
                 bars = gr.Label(
-                    label="capsule lengths |v_j|", num_top_classes=logic.num_classes, elem_id="bars"
+                    label="capsule lengths |v_j|" if logic.capsules else "softmax probabilities",
+                    num_top_classes=logic.num_classes,
+                    elem_id="bars",
                 )
                 with gr.Row():
                     seen = gr.Image(
@@ -176,13 +183,16 @@ def build_app(model: torch.nn.Module):
                 return ["**Prediction:** none (" + str(e) + ")", None, blank, blank, None, *zeros]
             label, lengths = r["label"], r["lengths"]
             text = f"**Prediction: {r['class_name']}** (capsule length {lengths[label]:.3f})"
+            if r["reconstruction"] is None:
+                text = (f"**Prediction: {r['class_name']}** (probability {lengths[label]:.3f}; "
+                        "the baseline CNN has no decoder: no reconstruction)")  # fmt: skip
             bars_value = dict(zip(logic.class_names, lengths, strict=True))
             new_state = {"label": label, "pose": r["pose"]}
             return [
                 text,
                 bars_value,
                 _upscale(r["input"]),
-                _upscale(r["reconstruction"]),
+                blank if r["reconstruction"] is None else _upscale(r["reconstruction"]),
                 new_state,
                 *zeros,
             ]

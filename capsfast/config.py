@@ -26,6 +26,18 @@ class TrainConfig:
         "preset to start from: paper, seed, fast, quick or cifar10",
         choices=["paper", "seed", "fast", "quick", "cifar10"],
     )
+    # the experiment (capsfast.tasks): what is learnt, and by which model
+    task: str = _f(
+        "mnist",
+        "mnist (the --dataset as loaded), multimnist (two overlapping digits, 36x36: paper "
+        "section 6) or affnist (digits placed on 40x40, tested on affNIST too: section 5.2)",
+        choices=["mnist", "multimnist", "affnist"],
+    )
+    model: str = _f(
+        "capsnet",
+        "capsnet, or baseline (the paper's baseline CNN of Table 1: cross-entropy, no decoder)",
+        choices=["capsnet", "baseline"],
+    )
     # data
     dataset: str = _f(
         "mnist",
@@ -44,7 +56,11 @@ class TrainConfig:
         "training images held out for validation and best-checkpoint choice, at most a tenth of "
         "them (0: none)",
     )
-    test_size: int | None = _f(None, "evaluate on the first N test images (default: all)")
+    test_size: int | None = _f(
+        None,
+        "evaluate on the first N test images (default: all); caps the generated test sets too "
+        "(multimnist: 100,000 fixed pairs; affnist: the expanded set and affNIST)",
+    )
     test_fraction: float = _f(
         0.2,
         "folder: data sets without train/ and test/: the fraction of each class held out as the "
@@ -71,6 +87,14 @@ class TrainConfig:
     epochs: int = _f(100, "training epochs")
     max_steps: int | None = _f(
         None, "stop after this many optimiser steps in total (overrides --epochs)"
+    )
+    max_seconds: float | None = _f(
+        None, "stop training after this many seconds of the step loop (then the end of the run)"
+    )
+    stop_at_accuracy: float | None = _f(
+        None,
+        "stop at the first epoch end whose validation accuracy reaches this (affNIST: 0.992, "
+        "the paper's stopping point)",
     )
     batch_size: int = _f(128, "GLOBAL batch size, summed over all processes")
     lr: float = _f(
@@ -208,6 +232,14 @@ class TrainConfig:
                 f"--cpu-threads must be >= 1, got {self.cpu_threads}",
             ),
             (self.recon_weight >= 0, f"--recon-weight must be >= 0, got {self.recon_weight}"),
+            (
+                self.max_seconds is None or self.max_seconds > 0,
+                f"--max-seconds must be positive, got {self.max_seconds}",
+            ),
+            (
+                self.stop_at_accuracy is None or 0 < self.stop_at_accuracy <= 1,
+                f"--stop-at-accuracy must be in (0, 1], got {self.stop_at_accuracy}",
+            ),
             (
                 self.output_dir.strip() != "",
                 "--output-dir must not be empty",

@@ -1,11 +1,13 @@
 """Exported models: `model.safetensors` + `config.json`, loadable without any training code.
 
-config.json holds {"format": "capsfast-model", "format_version": 1, "model": ModelConfig fields,
+config.json holds {"format": "capsfast-model", "format_version": 1, "architecture": "capsnet" or
+"baseline", "model": its config's fields (ModelConfig, or capsfast.baseline.BaselineConfig),
 "meta": {...free-form provenance...}}. The model's fields include what using it needs: its
 class names and how a picture becomes its input (input_style, input_resize); meta names the data
-set it was trained on ("dataset", e.g. "cifar10"). An export written before those existed loads
-as an MNIST model (digits 0-9). The routing implementation is not part of the model: any
-exported model loads under any implementation.
+set it was trained on ("dataset", e.g. "cifar10"). An export without "architecture" (written
+before the baseline existed) is a CapsNet; one written before the data fields existed loads as
+an MNIST model (digits 0-9). The routing implementation is not part of the model: any exported
+model loads under any implementation.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from capsfast.baseline import BaselineCNN, BaselineConfig
 from capsfast.errors import UserError
 from capsfast.model import CapsNet, ModelConfig
 
@@ -26,7 +29,14 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def save_model(model: CapsNet, directory: str | Path, meta: dict | None = None) -> Path:
+def architecture(model) -> str:
+    """ "baseline" for the paper's baseline CNN, "capsnet" for CapsNet."""
+    return "baseline" if isinstance(model, BaselineCNN) else "capsnet"
+
+
+def save_model(
+    model: CapsNet | BaselineCNN, directory: str | Path, meta: dict | None = None
+) -> Path:
     """Write model.safetensors and config.json into `directory` (created if needed)."""
     from safetensors.torch import save_file
 
@@ -39,6 +49,7 @@ def save_model(model: CapsNet, directory: str | Path, meta: dict | None = None) 
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "architecture": architecture(model),
         "model": model.config.to_dict(),
         "meta": meta or {},
     }
@@ -141,6 +152,66 @@ def _model_config(section, path: Path) -> ModelConfig:
     return config
 
 
+def _baseline_config(section, path: Path) -> BaselineConfig:
+    """The "model" section of a baseline's config.json, checked as `_model_config` checks
+    CapsNet's: every field present, of its type, the sizes positive."""
+    redo = "re-export the model (or restore config.json)"
+    if not isinstance(section, dict):
+        raise ModelError(f'{path}: "model" must be an object of architecture fields; {redo}')
+    names = [f.name for f in fields(BaselineConfig)]
+    unknown = sorted(set(section) - set(names))
+    missing = [n for n in names if n not in section and n not in DATA_FIELDS]
+    if unknown:
+        raise ModelError(
+            f"{path}: unknown model keys {unknown} (written by a newer capsfast?): upgrade capsfast"
+        )
+    if missing:
+        raise ModelError(f"{path}: model keys {missing} are missing; {redo}")
+
+    def positive(v, low=1):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    section = {k: v for k, v in section.items() if v is not None or k not in DATA_FIELDS}
+    for name in names:
+        if name not in section:  # a data field an older export lacks: its default (MNIST's)
+            continue
+        value = section[name]
+        if name in DATA_FIELDS:
+            _check_data_field(name, value, section, path, redo)
+            continue
+        if name in ("conv_channels", "hidden"):
+            ok = isinstance(value, list) and len(value) >= 1 and all(map(positive, value))
+            want = "a list of positive integers"
+        elif name == "pool_after":
+            ok = isinstance(value, list) and all(positive(v, 0) for v in value)
+            want = "a list of convolution indices"
+        elif name == "dropout":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and 0 <= value < 1
+            want = "a number in [0, 1)"
+        else:
+            ok, want = positive(value), "a positive integer"
+        if not ok:
+            raise ModelError(f"{path}: model key {name!r} is {value!r}, must be {want}; {redo}")
+    return BaselineConfig.from_dict(section)
+
+
+def build_model(config: dict, path: Path, routing: str = "auto"):
+    """The untrained model that config.json (read_config's dict) describes."""
+    kind = config.get("architecture", "capsnet")
+    if kind == "baseline":
+        try:
+            return BaselineCNN(_baseline_config(config["model"], path))
+        except ValueError as e:  # pooling that does not fit the image size
+            raise ModelError(f"{path}: {_one_line(e)}; re-export the model") from None
+    if kind != "capsnet":
+        raise ModelError(
+            f"{path}: unknown architecture {kind!r} (capsnet or baseline; written by a newer "
+            "capsfast?): upgrade capsfast"
+        )
+    return CapsNet(_model_config(config["model"], path), routing=routing)
+
+
 def read_config(directory: str | Path) -> dict:
     """config.json of an exported model, checked: raises ModelError saying what is wrong."""
     directory = Path(directory)
@@ -186,7 +257,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", routin
 
     directory = Path(directory)
     config = read_config(directory)
-    model = CapsNet(_model_config(config["model"], directory / CONFIG), routing=routing)
+    model = build_model(config, directory / CONFIG, routing)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{weights} not found next to {CONFIG}: the export is incomplete")

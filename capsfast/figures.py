@@ -274,7 +274,7 @@ def save_figures(
     device: where to run the model (default: where it is). The model's train/eval mode is kept.
     progress: a tqdm bar on stderr while the images are evaluated.
     Returns {"reconstructions", "capsule_dimensions", "confusion_matrix", "confident_wrong"}
-    -> PNG path.
+    -> PNG path (the baseline CNN, which has no decoder: {"confusion_matrix"} only).
     """
     net = model if device is None else model.to(device)
     out = Path(out_dir)
@@ -283,6 +283,11 @@ def save_figures(
     y = labels[:max_images].detach().cpu().long()
     pred = predict(net, x, progress=progress)
 
+    num_classes = pred.lengths.shape[1]
+    names = getattr(getattr(net, "config", None), "labels", None)
+    cm = confusion_matrix(pred.labels, y, num_classes)
+    if pred.reconstructions is None:  # the baseline CNN: no decoder, no capsules to draw
+        return {"confusion_matrix": _plot_confusion(cm, out / "confusion_matrix.png", names)}
     n = min(num_reconstructions, x.shape[0])
     paths = {
         "reconstructions": _plot_reconstructions(
@@ -294,9 +299,6 @@ def save_figures(
     first = int(correct[0]) if correct.numel() else 0
     recon, label = perturb_capsule(net, x[first])
     paths["capsule_dimensions"] = _plot_perturbation(recon, label, out / "capsule_dimensions.png")
-    num_classes = pred.lengths.shape[1]
-    names = getattr(getattr(net, "config", None), "labels", None)
-    cm = confusion_matrix(pred.labels, y, num_classes)
     paths["confusion_matrix"] = _plot_confusion(cm, out / "confusion_matrix.png", names)
     idx = most_confident_wrong(pred, y, num_wrong)
     paths["confident_wrong"] = _plot_wrong(

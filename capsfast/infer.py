@@ -362,9 +362,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Prediction:
     labels: torch.Tensor  # [B] int64: the longest capsule
-    lengths: torch.Tensor  # [B, K]: capsule lengths (K classes; MNIST 10)
-    poses: torch.Tensor  # [B, K, 16]
-    reconstructions: torch.Tensor  # [B, C, S, S] (MNIST [B, 1, 28, 28]), from the predicted capsule
+    # [B, K]: capsule lengths (K classes; MNIST 10); the baseline CNN: its softmax probabilities
+    lengths: torch.Tensor
+    poses: torch.Tensor | None  # [B, K, 16]; None for the baseline CNN (no capsules)
+    # [B, C, S, S] (MNIST [B, 1, 28, 28]), from the predicted capsule; None for the baseline
+    reconstructions: torch.Tensor | None
 
 
 @torch.no_grad()
@@ -389,27 +391,38 @@ def predict(
         for i in range(0, images.shape[0], batch_size):
             x = images[i : i + batch_size].to(device, dtype)
             out = net(x)
-            parts.append(
-                (
-                    out.lengths.float().cpu(),
-                    out.poses.float().cpu(),
-                    out.reconstructions.float().cpu(),
+            if out.reconstructions is None:  # the baseline CNN: probabilities, nothing else
+                parts.append((out.scores.float().softmax(1).cpu(), None, None))
+            else:
+                parts.append(
+                    (
+                        out.lengths.float().cpu(),
+                        out.poses.float().cpu(),
+                        out.reconstructions.float().cpu(),
+                    )
                 )
-            )
             bar.update(x.shape[0])
     finally:
         bar.close()
         net.train(was_training)
+    cfg = net.config
     if not parts:
-        cfg = net.config
+        capsules = has_decoder(net)
         return Prediction(
             torch.zeros(0, dtype=torch.long),
             torch.zeros(0, cfg.num_classes),
-            torch.zeros(0, cfg.num_classes, cfg.digit_dim),
-            torch.zeros(0, cfg.in_channels, cfg.image_size, cfg.image_size),
+            torch.zeros(0, cfg.num_classes, cfg.digit_dim) if capsules else None,
+            torch.zeros(0, cfg.in_channels, cfg.image_size, cfg.image_size) if capsules else None,
         )
-    lengths, poses, recon = (torch.cat(p) for p in zip(*parts, strict=True))
-    return Prediction(lengths.argmax(1), lengths, poses, recon.float())
+    lengths, poses, recon = (
+        None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True)
+    )
+    return Prediction(lengths.argmax(1), lengths, poses, recon)
+
+
+def has_decoder(model: torch.nn.Module) -> bool:
+    """CapsNet reconstructs its input; the paper's baseline CNN (capsfast.baseline) cannot."""
+    return hasattr(model, "decode")
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -470,7 +483,8 @@ def predict_files(
                 r.class_name = config.labels[r.label]
                 r.lengths = [float(v) for v in pred.lengths[i]]
                 r.input = batch[i]
-                r.reconstruction = pred.reconstructions[i]
+                if pred.reconstructions is not None:
+                    r.reconstruction = pred.reconstructions[i]
         yield from results
 
 
@@ -557,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_reconstructions is not None:
         recon_dir = reconstruction_dir(args.save_reconstructions, args.model)
     model = load_for_inference(args.model, args.device, args.routing)
+    if recon_dir is not None and not has_decoder(model):
+        print(f"predict: note: {args.model} is the paper's baseline CNN, which has no decoder: "
+              "it makes no reconstructions, so --save-reconstructions writes nothing",
+              file=sys.stderr)  # fmt: skip
+        recon_dir = None
     files = expand_paths(args.paths)
     if not files:
         raise UserError(

@@ -113,7 +113,14 @@ class ModelConfig:
 class CapsNetOutput:
     lengths: torch.Tensor  # [B, num_classes]: capsule lengths, the class probabilities
     poses: torch.Tensor  # [B, num_classes, digit_dim]: the DigitCaps outputs v
-    reconstructions: torch.Tensor  # [B, C, S, S] in [0, 1] (MNIST: [B, 1, 28, 28])
+    # [B, C, S, S] in [0, 1] (MNIST: [B, 1, 28, 28]); [B, K, C, S, S] when forward got K labels
+    # per image (MultiMNIST)
+    reconstructions: torch.Tensor
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """What classification ranks (the baseline's logits play the same part)."""
+        return self.lengths
 
 
 class PrimaryCaps(nn.Module):
@@ -224,11 +231,39 @@ class CapsNet(nn.Module):
         return self.decoder(poses, labels)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
+        """labels [B] (one digit per image) or [B, K] (K digits, MultiMNIST: paper section 6)."""
         poses = self.encode(images)
         lengths = safe_norm(poses)
         # Training: the decoder sees the true label's capsule; inference: the predicted one.
         chosen = labels if labels is not None else lengths.argmax(dim=1)
-        return CapsNetOutput(lengths, poses, self.decode(poses, chosen))
+        if chosen.dim() == 1:
+            return CapsNetOutput(lengths, poses, self.decode(poses, chosen))
+        # K labels: each digit is reconstructed from its own capsule alone, all K in one decoder
+        # call (the decoder is shared, as in the authors' code).
+        B, K = chosen.shape
+        repeated = (
+            poses.unsqueeze(1).expand(B, K, *poses.shape[1:]).reshape(B * K, *poses.shape[1:])
+        )
+        recon = self.decode(repeated, chosen.reshape(B * K))
+        return CapsNetOutput(lengths, poses, recon.view(B, K, *recon.shape[1:]))
+
+
+def class_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """T [B, num_classes]: 1 for every class present in the image, else 0. labels are [B] (one
+    digit per image) or [B, K] (K digits of different classes: MultiMNIST has K = 2)."""
+    T = F.one_hot(labels, num_classes)
+    return T if labels.dim() == 1 else T.amax(dim=1)
+
+
+def correct(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the image is classified right. One label: the top score is it. K labels (K
+    different classes, MultiMNIST): the K top scores are exactly those classes (the paper's
+    section 6 takes the two longest capsules; an image counts only when both digits are right,
+    as the authors' code counts `correct`)."""
+    if labels.dim() == 1:
+        return scores.argmax(dim=1) == labels
+    top = scores.topk(labels.shape[1], dim=1).indices
+    return (top.sort(dim=1).values == labels.sort(dim=1).values).all(dim=1)
 
 
 def margin_loss(
@@ -238,9 +273,12 @@ def margin_loss(
     m_minus: float = 0.1,
     lam: float = 0.5,
 ) -> torch.Tensor:
-    """sum_k T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2, mean over the batch."""
+    """sum_k T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2, mean over the batch.
+
+    T_k = 1 for every class present (paper Eq. 4, written for several digits): labels [B] or
+    [B, K], as `class_targets` reads them."""
     lengths = lengths.float()
-    T = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)
+    T = class_targets(labels, lengths.shape[1]).to(lengths.dtype)
     loss = T * F.relu(m_plus - lengths).pow(2) + lam * (1 - T) * F.relu(lengths - m_minus).pow(2)
     return loss.sum(1).mean()
 
@@ -248,16 +286,29 @@ def margin_loss(
 def reconstruction_loss(
     reconstructions: torch.Tensor, images: torch.Tensor, weight: float = 0.0005
 ) -> torch.Tensor:
-    """weight * sum over pixels of the squared error, mean over the batch."""
+    """weight * sum over pixels of the squared error, mean over the batch. With K
+    reconstructions per image ([B, K, C, H, W] against each digit alone, MultiMNIST) the sum runs
+    over all K: the sum of the K reconstruction losses."""
     err = (reconstructions.float() - images.float()).pow(2).flatten(1).sum(1)
     return weight * err.mean()
 
 
-def compute_loss(model, images: torch.Tensor, labels: torch.Tensor, recon_weight: float = 0.0005):
+def compute_loss(
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recon_weight: float = 0.0005,
+    recon_targets: torch.Tensor | None = None,
+):
     """The training objective (docs/spec.md): forward with the true labels (the decoder sees the
     true class's capsule), margin loss + recon_weight x reconstruction loss.
+
+    MultiMNIST (paper section 6): labels [B, 2], and recon_targets [B, 2, C, H, W] holds each
+    digit alone (as shifted into the pair): each reconstruction is compared with its own digit.
+    Otherwise the reconstruction target is the input image.
     Returns (output, total, margin, reconstruction)."""
     out = model(images, labels)
     margin = margin_loss(out.lengths, labels)
-    recon = reconstruction_loss(out.reconstructions, images, recon_weight)
+    target = images if recon_targets is None else recon_targets
+    recon = reconstruction_loss(out.reconstructions, target, recon_weight)
     return out, margin + recon, margin, recon

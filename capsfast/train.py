@@ -1,14 +1,15 @@
 """Training: `train(cfg)` reads top to bottom: set-up, the step loop, the end of the run.
 
 One optimiser step:
-    x, y = batches.batch(epoch, k, order)      # device-side shuffle + per-sample shift (data.py)
-    out, loss, margin, recon = compute_loss(model, x, y)       # model.py: margin + 0.0005 recon
+    x, y, target = batches.batch(epoch, k, order)  # device-side shuffle + shift, or pairs (tasks)
+    out, loss, margin, recon = task.loss(model, x, y, recon_weight, target)  # margin + recon
     accelerator.backward(loss); optimizer.step()               # lr set from (config, step)
 
 The host meets the device only at sync points: every `log_every` steps (losses, learning rate,
 progress, the non-finite check, stop requests), at epoch ends (validation, export) and at
 checkpoints. Run set-up (device, precision, compile, routing, world size) is runtime.py; what a
-checkpoint holds and how a stop is requested, checkpoint.py; the losses, model.py.
+checkpoint holds and how a stop is requested, checkpoint.py; the losses, model.py; what
+--task and --model change (data, loss, model, test sets), tasks.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from capsfast import memory, runtime
+from capsfast import memory, runtime, tasks
 from capsfast.checkpoint import (
     GoodState,
     StopRequest,
@@ -34,7 +35,6 @@ from capsfast.config import TrainConfig
 from capsfast.data import (
     DataError,
     Dataset,
-    TrainBatches,
     centre_crop,
     choose_placement,
     default_val_size,
@@ -46,7 +46,7 @@ from capsfast.datasets import load_dataset
 from capsfast.ema import EMA
 from capsfast.errors import Interrupted, UserError, describe_os_error
 from capsfast.export import load_model, read_config, save_model
-from capsfast.model import CapsNet, ModelConfig, compute_loss
+from capsfast.model import CapsNet, ModelConfig, correct
 from capsfast.provenance import git_commit, versions
 
 EXIT_STOPPED = 3  # stopped on request (SIGTERM, Ctrl-C) after saving: resume with --resume auto
@@ -72,9 +72,10 @@ PROCESS_START = _process_start()
 
 
 # --------------------------------------------------------------------------- pieces of a run
-def build_optimizer(model: CapsNet, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam; the decoder is its own group (the seed preset gives it its own rate, no decay)."""
-    decoder = list(model.decoder.parameters())
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam; the decoder is its own group (the seed preset gives it its own rate, no decay;
+    the baseline has no decoder: an empty group)."""
+    decoder = list(model.decoder.parameters()) if hasattr(model, "decoder") else []
     decoder_ids = {id(p) for p in decoder}
     encoder = [p for p in model.parameters() if id(p) not in decoder_ids]
     groups = [
@@ -119,17 +120,17 @@ def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | No
     lo, hi = n * rank // world, n * (rank + 1) // world
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    right = torch.zeros((), dtype=torch.long, device=accelerator.device)
     quiet = desc is None or not accelerator.is_local_main_process
     for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False, disable=quiet):
         # .to: a no-op for data on the device; streamed data's evaluation sets stay on the host.
         x = to_float(images[start : min(hi, start + batch_size)].to(accelerator.device))
         with accelerator.autocast():
-            lengths = model(x).lengths
+            scores = model(x).scores
         y = labels[start : start + x.shape[0]].to(accelerator.device)
-        correct += (lengths.argmax(1) == y).sum()
+        right += correct(scores, y).sum()
     model.train(was_training)
-    counts = torch.stack([correct, torch.tensor(hi - lo, device=accelerator.device)])
+    counts = torch.stack([right, torch.tensor(hi - lo, device=accelerator.device)])
     counts = accelerator.reduce(counts, reduction="sum")
     return counts[0].item() / max(1, counts[1].item()), int(counts[1].item())
 
@@ -146,8 +147,8 @@ class Window:
 
     @torch.no_grad()
     def add(self, out, y, loss, margin, recon, finite) -> None:
-        correct = (out.lengths.argmax(1) == y).sum().float()
-        self.sums += torch.stack([loss * self.n, margin * self.n, recon * self.n, correct, self.n])
+        right = correct(out.scores, y).sum().float()
+        self.sums += torch.stack([loss * self.n, margin * self.n, recon * self.n, right, self.n])
         self.nonfinite |= ~finite
 
     def read(self, accelerator, stop_requested: bool) -> tuple[list[float], bool, bool]:
@@ -324,20 +325,24 @@ def log_reconstructions(accelerator, model, images, step: int, n: int = 16) -> N
 
     with torch.no_grad(), accelerator.autocast():
         x = to_float(images[:n].to(accelerator.device))
-        rec = model(x).reconstructions.float()
-    grid = make_grid(torch.cat([x, rec]).cpu(), nrow=n, padding=2)
+        rec = model(x).reconstructions
+    if rec is None:  # the baseline: no decoder
+        return
+    grid = make_grid(torch.cat([x, rec.float()]).cpu(), nrow=n, padding=2)
     tracking.log_images(accelerator, {"reconstructions": grid.permute(1, 2, 0).numpy()}, step)
 
 
-def prepare_model(model_cfg: ModelConfig, cfg: TrainConfig, accelerator, local_batch=None):
-    """(model as trained: prepared, maybe compiled or DDP-wrapped; the CapsNet itself, which is
-    what gets saved and exported; optimiser; EMA or None). `--routing auto` weighs the model's
-    memory at this process's batch (capsfast.memory.auto_routing)."""
+def prepare_model(model_cfg, cfg: TrainConfig, accelerator, local_batch=None):
+    """(model as trained: prepared, maybe compiled or DDP-wrapped; the model itself (CapsNet or
+    the baseline: tasks.build_model), which is what gets saved and exported; optimiser; EMA or
+    None). `--routing auto` weighs CapsNet's memory at this process's batch
+    (capsfast.memory.auto_routing)."""
     device = accelerator.device
-    model = CapsNet(model_cfg).to(device)
+    model = tasks.build_model(model_cfg).to(device)
     requested = cfg.routing
-    memory.check_fused_shape(model_cfg, requested)
-    if requested == "auto":
+    if isinstance(model, CapsNet):
+        memory.check_fused_shape(model_cfg, requested)
+    if requested == "auto" and isinstance(model, CapsNet):
         local_batch = local_batch or cfg.batch_size // accelerator.num_processes
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         requested = memory.auto_routing(model_cfg, local_batch, device.type, free)
@@ -376,7 +381,9 @@ def model_config_for(data: Dataset, cfg: TrainConfig) -> ModelConfig:
 def data_line(data: Dataset, cfg: TrainConfig, n_train, n_val, n_test, flip, placement) -> str:
     """The banner's line about the data: what, how much, augmentation, where it lives."""
     c, s = data.channels, data.image_size
-    aug = [f"shifts of up to {cfg.max_shift} px"] if cfg.max_shift else []
+    generated = cfg.task != "mnist"  # the task places the digits itself (tasks.py)
+    aug = [f"shifts of up to {cfg.max_shift} px"] if cfg.max_shift and not generated else []
+    aug += [f"--task {cfg.task}'s placement"] if generated else []
     aug += [f"random {cfg.crop}x{cfg.crop} crops (test: centre)"] if cfg.crop else []
     aug += ["horizontal flips"] if flip else []
     capped = " (--val-size capped at a tenth)" if n_val < min(cfg.val_size, 10**12) else ""
@@ -418,7 +425,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     # to it in chunks when it is too large for it; augmentation on the device (data.py).
     with acc.main_process_first():
         data = data if data is not None else load_dataset(
-            cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size, cfg.test_fraction,
+            cfg.dataset, tasks.affnist_dir(cfg), cfg.download, cfg.image_size, cfg.test_fraction,
             warn=lambda m: acc.print(f"capsfast: warning: {m}"))  # fmt: skip
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     placement = choose_placement(cfg.data_placement, data.nbytes(), device.type, free)
@@ -433,14 +440,16 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     if cfg.crop:  # evaluation sees the centre crop
         val_x, test_x = centre_crop(val_x, cfg.crop), centre_crop(test_x, cfg.crop)
     flip = data.flips if cfg.flip is None else cfg.flip
-    batches = TrainBatches(train_x, train_y, cfg.batch_size, cfg.seed, cfg.max_shift,
-                           rank=acc.process_index, world_size=world, crop=cfg.crop, flip=flip,
-                           stream=placement == "stream", device=device)  # fmt: skip
+    # The task (--task, --model): its training batches, validation and test sets, its model.
+    task = tasks.make_task(cfg, data, model_config_for(data, cfg), (train_x, train_y),
+                           (val_x, val_y), (test_x, test_y), rank=acc.process_index, world=world,
+                           device=device, stream=placement == "stream", flip=flip)  # fmt: skip
+    batches, (val_x, val_y), (test_x, test_y) = task.batches, task.val, task.test
     steps_per_epoch = batches.steps_per_epoch
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    # Model (configured from the data), optimiser, EMA, and what a checkpoint holds.
-    model_cfg = model_config_for(data, cfg)
+    # Model (configured from the data and the task), optimiser, EMA, what a checkpoint holds.
+    model_cfg = task.model_config
     model, raw_model, optimizer, ema = prepare_model(model_cfg, cfg, acc, batches.local_batch)
     eval_model = ema.module if ema is not None else raw_model  # validated, exported, tested
     state = TrainState()
@@ -451,12 +460,12 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     stateful.update({"ema": ema} if ema is not None else {})
     identity = {"model": model_cfg.to_dict(),
                 "data": {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_size": val_size,
-                         "dataset": data.name}}  # fmt: skip
+                         "dataset": data.name, "task": cfg.task, "architecture": cfg.model}}  # fmt: skip
     initial = GoodState()  # a failed half-load must not leak into a fresh start
     initial.take(0, **stateful)
     resumed = resume(acc, cfg.resume, out, identity, lambda: initial.restore(**stateful))
 
-    parameters = sum(p.numel() for p in raw_model.parameters())
+    parameters = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     config_record = {**cfg.to_dict(), "model": model_cfg.to_dict(), "resolved": {
         "mixed_precision": mixed_precision, "compile": compiled, "routing": raw_model.routing,
         "world_size": world, "lr_scaled": cfg.scaled_lr(), "steps_per_epoch": steps_per_epoch,
@@ -464,16 +473,21 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
         "dataset": data.name, "class_names": list(data.class_names), "val_size": val_size,
         "flip": flip, "data_placement": placement}}  # fmt: skip
     use_wandb = bool(acc.log_with) and tracking.init_tracking(
-        acc, config_record, cfg.wandb_project, str(out), out.name
+        acc, config_record, cfg.wandb_project, str(out), f"{cfg.task}-{cfg.model}-{out.name}"
     )
     if acc.is_main_process:
         (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
         # Rewritten from the checkpoint's records, so a resumed run has no duplicate lines.
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.records))
+    routing_line = (f"routing {raw_model.routing}, {cfg.routing_iters} iterations"
+                    f"{' (detach_inner)' if cfg.detach_inner else ''}"
+                    if isinstance(raw_model, CapsNet) else "no routing")  # fmt: skip
     acc.print(
-        f"capsfast: CapsNet, {parameters:,} parameters; routing {raw_model.routing}, "
-        f"{cfg.routing_iters} iterations{' (detach_inner)' if cfg.detach_inner else ''}\n"
-        f"capsfast: {data_line(data, cfg, len(train_x), len(val_x), len(test_x), flip, placement)}\n"
+        f"capsfast: task {cfg.task}, {'CapsNet' if cfg.model == 'capsnet' else 'baseline CNN'} "
+        f"({model_cfg.image_size}x{model_cfg.image_size} inputs), {parameters:,} parameters; "
+        f"{routing_line}\n"
+        + "".join(f"capsfast: {note}\n" for note in task.notes)
+        + f"capsfast: {data_line(data, cfg, len(train_x), len(val_x), len(test_x), flip, placement)}\n"
         f"capsfast: {world} process{'es' if world > 1 else ''} on {runtime.describe_device(acc)}, "
         f"{runtime.PRECISION_NAMES[mixed_precision]}, compile {'on' if compiled else 'off'}\n"
         f"capsfast: {total_steps:,} steps ({total_steps / steps_per_epoch:.3g} epochs of "
@@ -482,7 +496,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
         + (f"\ncapsfast: resumed from {resumed} at step {state.step}" if resumed else "")
     )
     meta = {"run_id": state.run_id, "preset": cfg.preset, "seed": cfg.seed, "commit": git_commit(),
-            "dataset": data.name}  # fmt: skip
+            "dataset": data.name, "task": cfg.task}  # fmt: skip
     if data.name.startswith("folder:"):  # visualize holds out the same test images
         meta["test_fraction"] = cfg.test_fraction
     end_context = dict(acc=acc, cfg=cfg, eval_model=eval_model, val_x=val_x, val_y=val_y,
@@ -511,6 +525,10 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
         acc.log({"train/loss": record["train_loss"], "train/lr": lr,
                  "train/skipped_steps": state.skipped_steps}, step=step)  # fmt: skip
         good.take(step, **stateful)
+        if cfg.max_seconds is not None and step < total_steps:  # every rank stops at one step
+            over = time.perf_counter() - loop_start >= cfg.max_seconds
+            if any_rank(acc, torch.tensor(over, device=device)):
+                early_stop["reason"] = f"--max-seconds {cfg.max_seconds:g} reached"
         path = None
         with clock.paused():
             if step % steps_per_epoch == 0:
@@ -519,6 +537,9 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                 epoch = validate_and_export(**end_context, train_stats=stats,
                                             images_per_second=bar.format_dict.get("rate"))  # fmt: skip
                 say(acc, epoch_line(epoch))
+                target_acc, val = cfg.stop_at_accuracy, epoch["val_accuracy"]
+                if target_acc is not None and val is not None and val >= target_acc:
+                    early_stop["reason"] = f"validation accuracy {val:.4f} >= {target_acc}"
                 if use_wandb:
                     log_reconstructions(acc, eval_model, val_x if len(val_x) else test_x, step)
             if stop_now or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
@@ -531,6 +552,8 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     good = GoodState()  # the state at the last sync where everything was finite
     good.take(state.step, **stateful)
     clock = Clock(state.step, warmup=3 if total_steps - state.step >= 10 else 0)
+    early_stop: dict = {}  # set at a sync point: why the run ends before total_steps
+    loop_start = time.perf_counter()
     bar = None
     try:
         with StopRequest() as stop:
@@ -540,11 +563,11 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                     order = epoch_permutation(len(train_x), cfg.seed, epoch, device)
                     bar = new_bar(bar, epoch, k, steps_per_epoch, total_steps, cfg.batch_size, acc)
                 lr = set_learning_rate(optimizer, cfg, step, total_steps)
-                x, y = batches.batch(epoch, k, order)
+                x, y, target = batches.batch(epoch, k, order)
                 if compiled and device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step
                 with acc.autocast():
-                    output, loss, margin, recon = compute_loss(model, x, y, cfg.recon_weight)
+                    output, loss, margin, recon = task.loss(model, x, y, cfg.recon_weight, target)
                 acc.backward(loss)
                 finite = all_finite(loss, model, mixed_precision)
                 if cfg.skip_nonfinite and any_rank(acc, ~finite):  # opt-in: a sync every step
@@ -566,10 +589,13 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                                   f"capsfast: to resume, {resume_hint()}")  # fmt: skip
                         acc.end_training()
                         return {"stopped": True, "step": state.step, "checkpoint": str(stopped_at)}
+                    if early_stop:  # --max-seconds or --stop-at-accuracy: the end of the run
+                        say(acc, f"capsfast: {early_stop['reason']} at step {state.step}")
+                        break
             if bar is not None:
                 bar.close()
             return finish_run(
-                **end_context, stop=stop, save=save, test_x=test_x, test_y=test_y,
+                **end_context, stop=stop, save=save, task=task,
                 images_per_second=clock.images_per_second(state.step, cfg.batch_size),
                 use_wandb=use_wandb, epochs=state.step * cfg.batch_size / len(train_x),
                 summary_fields={
@@ -579,6 +605,8 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                     "mixed_precision": mixed_precision,
                     "precision": runtime.PRECISION_NAMES[mixed_precision],
                     "routing": raw_model.routing, "parameters": parameters,
+                    "task": cfg.task, "model": cfg.model,
+                    "stopped_early": early_stop.get("reason"),
                     "dataset": data.name, "class_names": list(data.class_names),
                     "config": config_record},
             )  # fmt: skip
@@ -646,7 +674,7 @@ def interrupted_message(out: Path) -> str:
 
 # --------------------------------------------------------------------------- the end of a run
 def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
-               steps_per_epoch, stop, save, test_x, test_y, images_per_second, use_wandb,
+               steps_per_epoch, stop, save, task, images_per_second, use_wandb,
                epochs, summary_fields) -> dict:  # fmt: skip
     """The end of a run, in phases (END_PHASES), each safe to interrupt: the final checkpoint
     first (so a stop at any later phase loses nothing: `--resume auto` finds the run complete
@@ -683,13 +711,19 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
     phase("test")
     routing = summary_fields["routing"]
     exported = load_model(out / "model", device=acc.device, routing=routing)
-    test_acc, test_n = evaluate(exported, test_x, test_y, acc, cfg.eval_batch_size, desc="test")
+    test_acc, test_n = evaluate(exported, *task.test, acc, cfg.eval_batch_size, desc="test")
+    extra = {}  # the task's further test sets (affnist: affNIST itself)
+    for name, (x, y) in task.extra_tests.items():
+        extra[f"{name}_accuracy"], extra[f"{name}_size"] = evaluate(
+            exported, x, y, acc, cfg.eval_batch_size, desc=name
+        )
     phase("summary")
     train_records = [r for r in state.records if r["kind"] == "train"]
     cuda = acc.device.type == "cuda"
     summary = {
         "test_accuracy": test_acc,
         "test_size": test_n,
+        **extra,
         "best_val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None,
         "final_train_loss": train_records[-1]["train_loss"] if train_records else None,
         "steps": state.step,
@@ -707,20 +741,26 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if use_wandb:
-        acc.log({"test/accuracy": test_acc}, step=state.step)
+        acc.log({"test/accuracy": test_acc, **{f"test/{k}": v for k, v in extra.items()}},
+                step=state.step)  # fmt: skip
         tracking.set_summary(acc, summary)
     phase("figures")
     if acc.is_main_process:
-        from capsfast.figures import plot_curves, save_figures
+        from capsfast.figures import plot_curves
 
         plot_curves(state.records, out / "curves.png")
-        figures = save_figures(exported, test_x, test_y, out / "figures", progress=True)
+        figures = task.figures(exported, out / "figures")
         if use_wandb:
             images = {f"figures/{k}": str(v) for k, v in figures.items()}
             images["figures/curves"] = str(out / "curves.png")
             tracking.log_images(acc, images, state.step)
         acc.print(
-            f"capsfast: test accuracy {test_acc:.4f} on {test_n:,} images (best validation "
+            "".join(
+                f"capsfast: {k.removesuffix('_accuracy')} accuracy {v:.4f}\n"
+                for k, v in extra.items()
+                if k.endswith("_accuracy")
+            )
+            + f"capsfast: test accuracy {test_acc:.4f} on {test_n:,} images (best validation "
             f"{summary['best_val_accuracy']}), {summary['wall_seconds']:.1f} s, "
             f"{images_per_second or 0:.1f} img/s; model in {out / 'model'}, figures in "
             f"{out / 'figures'}"

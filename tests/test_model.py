@@ -119,3 +119,65 @@ def test_set_routing_rejects_unknown():
     with pytest.raises(ValueError, match="auto, torch, triton, fused"):
         CapsNet(routing="cuda")
     assert CapsNet().routing == "torch"  # auto on CPU
+
+
+# --- several digits per image (MultiMNIST, paper section 6) -----------------------------------
+
+
+def test_two_label_margin_loss_hand_computed():
+    from capsfast.model import class_targets
+
+    lengths = torch.tensor([[0.95, 0.05, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3]])
+    labels = torch.tensor([[0, 2]])  # both present
+    assert class_targets(labels, 10).tolist() == [[1, 0, 1, 0, 0, 0, 0, 0, 0, 0]]
+    # present: 0 at 0.95 -> 0, 2 at 0.5 -> (0.9 - 0.5)^2; absent: only 9 at 0.3 -> 0.5 * 0.2^2
+    expected = 0.4**2 + 0.5 * 0.2**2
+    torch.testing.assert_close(margin_loss(lengths, labels), torch.tensor(expected))
+    # the order of the two labels does not matter; a single label [B] is the one-digit loss
+    torch.testing.assert_close(margin_loss(lengths, torch.tensor([[2, 0]])), torch.tensor(expected))
+    one = 0.5 * 0.4**2 + 0.5 * 0.2**2  # label 0 alone: 2 at 0.5 is now absent
+    torch.testing.assert_close(margin_loss(lengths, torch.tensor([0])), torch.tensor(one))
+
+
+def test_top2_metric_needs_both_digits():
+    from capsfast.model import correct
+
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # top-2 = {0, 2}
+            [0.9, 0.1, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95, 0.9],  # top-2 = {8, 9}
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95, 0.9],
+        ]
+    )
+    labels = torch.tensor([[2, 0], [0, 1], [9, 8], [8, 7]])
+    assert correct(scores, labels).tolist() == [True, False, True, False]
+    # one label per image: the argmax
+    assert correct(scores, torch.tensor([0, 2, 8, 9])).tolist() == [True, False, True, False]
+
+
+def test_each_digit_is_reconstructed_from_its_own_capsule():
+    torch.manual_seed(0)
+    model = CapsNet(ModelConfig(image_size=36)).eval()
+    x = torch.rand(3, 1, 36, 36)
+    labels = torch.tensor([[1, 7], [3, 0], [9, 2]])
+    with torch.no_grad():
+        out = model(x, labels)
+        assert out.reconstructions.shape == (3, 2, 1, 36, 36)
+        for k in range(2):
+            torch.testing.assert_close(
+                out.reconstructions[:, k], model.decode(out.poses, labels[:, k])
+            )
+    # the loss: margin over both classes + the sum of the two reconstruction errors, each
+    # against its own digit
+    from capsfast.model import compute_loss
+
+    digits = torch.rand(3, 2, 1, 36, 36)
+    with torch.no_grad():
+        _, total, margin, recon = compute_loss(model, x, labels, 0.0005, recon_targets=digits)
+        separate = sum(
+            reconstruction_loss(out.reconstructions[:, k], digits[:, k]) for k in range(2)
+        )
+    torch.testing.assert_close(recon, separate)
+    torch.testing.assert_close(margin, margin_loss(out.lengths, labels))
+    torch.testing.assert_close(total, margin + recon)
