@@ -142,3 +142,23 @@ def test_report_renders_the_benchmark_table_and_chart(tmp_path):
     assert report_main([str(results), "--markdown", str(md), "--chart", str(png)]) == 0
     assert md.read_text() == table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_breakdown_times_every_row_against_the_matmul_rate(tmp_path):
+    """bench/cpu_breakdown.py: one JSON with every row's rate as a fraction of the matmul rate
+    measured in the same run (the matmul row itself is 1), and what measured it."""
+    from bench.cpu_breakdown import main as breakdown
+
+    out = tmp_path / "breakdown.json"
+    assert breakdown(["--batch", "2", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["matmul 4096^3"]["matmul_fraction"] == 1.0
+    assert {
+        "conv1 forward",
+        "primarycaps forward+backward",
+        "train step (whole model, Adam)",
+    } <= set(rows)
+    for r in report["rows"]:
+        assert r["median_s"] > 0 and r["gflop"] > 0 and 0 < r["matmul_fraction"] < 10, r
+    assert report["batch"] == 2 and report["commit"] and len(report["load_average"]) == 3

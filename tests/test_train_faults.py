@@ -431,3 +431,18 @@ def test_ctrl_c_in_a_terminal_under_accelerate_launch_ends_cleanly(tmp_path):
     assert lines[1] == "capsfast: to resume, run the same command again with --resume auto"
     assert proc.returncode == 0  # the launcher would print a traceback for any other code
     verify(list_checkpoints(out)[0])
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["train.py", "--preset", "quick"], "run the same command again with --resume auto"),
+        (["train.py", "--resume", "auto"], "run the same command again"),
+        (["train.py", "--resume=runs/x/checkpoints/step-00000200"], "run the same command again"),
+    ],
+)
+def test_the_resume_hint_does_not_repeat_a_resume_flag(monkeypatch, argv, hint):
+    from capsfast.train import resume_hint
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert resume_hint() == hint
