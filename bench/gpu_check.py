@@ -355,7 +355,10 @@ def record_results(step: Step, out: Path, before: set[Path]) -> None:
         "steps": log.get("steps"),
         "epochs": log.get("epochs"),
         # The first epoch's time counts from process start: imports, compilation, evaluation.
-        "first_epoch_seconds": (log.get("metrics") or [{}])[0].get("epoch_seconds"),
+        "first_epoch_seconds": next(  # the first epoch record (train records come between)
+            (m.get("epoch_seconds") for m in log.get("metrics") or [] if m.get("kind") == "epoch"),
+            None,
+        ),
         # An epoch at the steady rate (from step 3 on, evaluation excluded).
         "steady_epoch_seconds": train_size / ips if ips and train_size else None,
         "compile_cache_warm": log.get("compile_cache_warm"),

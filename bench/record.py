@@ -5,7 +5,7 @@ fresh process as a user starts it, and keep one JSON log per run.
 
 Each log (in --out, default bench/results/records/) holds every key of the run's summary.json at
 top level (wall_seconds is the trainer's own, up to the end of the test evaluation), plus
-`metrics` (metrics.jsonl, one record per epoch), `date`, `compile_cache_warm` (was the inductor
+`metrics` (metrics.jsonl: a train record per logged step, an epoch record per epoch end), `date`, `compile_cache_warm` (was the inductor
 cache directory non-empty before the run: a warm cache hides compile time), `command` and
 `process_seconds` (the whole process as seen from here, launcher included). That directory holds
 logs only; tables come from `python bench/report.py --records DIR`.
