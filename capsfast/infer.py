@@ -385,7 +385,12 @@ def predict(
     device, dtype = param.device, param.dtype  # fp32 normally; bf16/fp16 weights work too
     parts = []
     bar = tqdm(
-        total=images.shape[0], unit="img", desc="evaluating", disable=not progress, file=sys.stderr
+        total=images.shape[0],
+        unit="img",
+        desc="evaluating",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,  # gone when done: what follows is the line that matters
     )
     try:
         for i in range(0, images.shape[0], batch_size):
