@@ -269,12 +269,16 @@ def test_compiled_model_exports_plain_capsnet_keys(tmp_path):
     # Under torch.compile the prepared model is an OptimizedModule; the export must still hold
     # CapsNet's own parameter names so load_model reads it (compilation is lazy: no step needed).
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import TorchDynamoPlugin
 
     from capsfast.export import load_model, save_model
     from capsfast.model import ModelConfig
     from capsfast.train import prepare_model
 
+    # Accelerate's state is a process-wide singleton: an earlier in-process run fixed it without
+    # a dynamo plugin, and a new Accelerator would silently keep that.
+    AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend="inductor"))
     prepared, raw, _, _ = prepare_model(ModelConfig(), small_cfg(tmp_path, compile=True), acc)
     assert type(prepared).__name__ == "OptimizedModule"
