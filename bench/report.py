@@ -307,8 +307,8 @@ def render_gpu_check(directory) -> str:
         "Each step's log is in logs/; estimates are the plan's guesses, seconds what it took.\n",
         steps_table(steps),
     ]
+    ran = [s for s in steps if s["status"] != "skipped"]
     if data["benchmarks"]:
-        ran = [s for s in steps if s["status"] != "skipped"]
         commands = [s["command"] for s in ran if s["name"].startswith("bench_")]
         parts += [
             "## Benchmarks (median round)\n",
@@ -316,7 +316,6 @@ def render_gpu_check(directory) -> str:
             benchmark_table(data["benchmarks"]),
         ]
     if data["records"]:
-        ran = [s for s in steps if s["status"] != "skipped"]
         commands = [s["command"] for s in ran if s["name"].startswith("record_")]
         parts += [
             "## Record runs\n",

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsfast.model import ModelConfig, class_targets
+from capsfast.model import ModelConfig, class_targets, known_fields
 
 
 @dataclass
@@ -82,12 +82,7 @@ class BaselineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BaselineConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(
-                f"unknown baseline config keys {unknown}: written by a newer capsfast?"
-            )
+        known = known_fields(cls, d, "baseline")
         for key in ("conv_channels", "pool_after", "hidden", "class_names"):
             if known.get(key) is not None:
                 known[key] = tuple(known[key])

@@ -100,13 +100,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}: written by a newer capsfast?")
+        known = known_fields(cls, d, "model")
         if "decoder_hidden" in known:
             known["decoder_hidden"] = tuple(known["decoder_hidden"])
         return cls(**known)
+
+
+def known_fields(cls, d: dict, what: str) -> dict:
+    """The keys of an exported config that are fields of dataclass `cls`; any other key is an
+    error (a config written by a newer capsfast must not be read with parts silently dropped)."""
+    known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}: written by a newer capsfast?")
+    return known
 
 
 @dataclass
