@@ -6,7 +6,8 @@ Times, in one process and interleaved (so load shifts every row alike): a 4096^3
 (the rate every fraction divides by), the two convolutions forward and forward+backward as the
 step runs them (Conv1's input needs no gradient; PrimaryCaps' does), PrimaryCaps in channels_last
 memory format, and the whole optimiser step (bench/common.py's train_step: the trainer's loss,
-backward and Adam). Each row: median seconds, GFLOP (2 per multiply-add), GFLOP/s and the
+backward and Adam), also with PrimaryCaps' input in channels_last (the one memory-format change a
+model could make; its weights stay contiguous, as safetensors and the optimiser want them). Each row: median seconds, GFLOP (2 per multiply-add), GFLOP/s and the
 fraction of the matmul rate. fp32, the torch routing, eager: what the trainer runs on a CPU.
 """
 
@@ -63,6 +64,11 @@ def main(argv=None) -> int:
     x, y = to_float(mnist.train_images[:B]), mnist.train_labels[:B]
     model = new_model("torch", W_INIT_TRAIN)
     step = train_step(model, model, "fp32")
+    model_cl = new_model("torch", W_INIT_TRAIN)  # the same weights (new_model seeds)
+    model_cl.primary.register_forward_pre_hook(
+        lambda _, args: (args[0].contiguous(memory_format=torch.channels_last),)
+    )
+    step_cl = train_step(model_cl, model_cl, "fp32")
 
     def conv1_fwd():
         with torch.no_grad():
@@ -91,6 +97,10 @@ def main(argv=None) -> int:
         "primarycaps forward+backward": (primary_train, 6 * primary_macs / 1e9),
         "primarycaps forward+backward, channels_last": (primary_train_cl, 6 * primary_macs / 1e9),
         "train step (whole model, Adam)": (lambda: step(x, y), FLOP_TRAIN * B / 1e9),
+        "train step, PrimaryCaps input channels_last": (
+            lambda: step_cl(x, y),
+            FLOP_TRAIN * B / 1e9,
+        ),
     }
     times = {name: [] for name in rows}
     for _ in range(args.repeats):  # interleaved: each round times every row once

@@ -31,11 +31,14 @@ from capsfast.data import (
     augment,
     centre_crop,
     choose_placement,
+    default_val_size,
     sample_crops,
     sample_flips,
     shift_images,
+    split_train_val,
 )
 from capsfast.datasets import load_dataset, parse_name
+from capsfast.train import data_line
 
 SIZE = 20  # model input side in the training tests
 
@@ -322,6 +325,25 @@ def test_placement_rule():
     assert choose_placement("auto", 11 * gib, "cuda", 40 * gib) == "stream"  # > a quarter
     assert choose_placement("stream", 1, "cpu", None) == "stream"
     assert choose_placement("device", 99 * gib, "cuda", 1 * gib) == "device"
+
+
+def test_val_size_is_capped_at_a_tenth_and_the_banner_says_so():
+    """A small folder trains under the default --val-size 5000: the held-out set is at most a
+    tenth of the training images, and the data line says it was capped (never silently)."""
+    n = 600
+    data = Dataset(torch.zeros(n, 1, SIZE, SIZE, dtype=torch.uint8), torch.arange(n) % 10,
+                   torch.zeros(10, 1, SIZE, SIZE, dtype=torch.uint8), torch.arange(10),
+                   name="folder:x", class_names=MNIST_CLASSES)  # fmt: skip
+    cfg = resolve({"val_size": 5000})
+    val_size = default_val_size(cfg.val_size, n)
+    assert val_size == 60
+    (train_x, _), (val_x, _) = split_train_val(data, val_size)
+    assert (len(train_x), len(val_x)) == (540, 60)
+    line = data_line(data, cfg, 540, 60, 10, False, "device")
+    assert "540 train, 60 validation (--val-size capped at a tenth), 10 test" in line
+    assert "capped" not in data_line(data, resolve({"val_size": 60}), 540, 60, 10, False, "device")
+    with pytest.raises(DataError, match="--val-size 600 leaves no training images"):
+        split_train_val(data, n)
 
 
 # --------------------------------------------------------------------------- the model

@@ -158,6 +158,7 @@ def test_cpu_breakdown_times_every_row_against_the_matmul_rate(tmp_path):
         "conv1 forward",
         "primarycaps forward+backward",
         "train step (whole model, Adam)",
+        "train step, PrimaryCaps input channels_last",
     } <= set(rows)
     for r in report["rows"]:
         assert r["median_s"] > 0 and r["gflop"] > 0 and 0 < r["matmul_fraction"] < 10, r

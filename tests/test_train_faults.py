@@ -356,7 +356,8 @@ def corrupt_gzip_dir(tmp_path: Path) -> Path:
 
 BAD_TRAIN_INPUTS = {  # case: (extra flags, text the one line must contain)
     "batch larger than the training set": (["--batch-size", "100000"], "--batch-size 100000"),
-    "validation takes every image": (["--val-size", "60000"], "--val-size 60000"),
+    # (--val-size above a tenth of the training images is capped and said: test_datasets.py)
+    "negative validation size": (["--val-size", "-5"], "--val-size must be >= 0"),
     "output dir is a file": (["--output-dir", "{file}"], "is a file"),
     "corrupt deflate stream": (["--data-dir", "{gzip}"], "t10k-labels-idx1-ubyte.gz"),
     "resume from nothing": (["--resume", "{tmp}/nothing"], "not a checkpoint directory"),
