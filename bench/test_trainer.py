@@ -55,11 +55,6 @@ def test_trainer_step_matches_the_benchmark_step(benchmark, mnist, matmul_rate, 
     timed(benchmark, lambda: step(x, y), **ROUNDS)
     finish(benchmark, images=B, flops=FLOP_TRAIN * B, matmul_rate=matmul_rate)
 
-    # Accelerate's state is a process-wide singleton: another benchmark (test_eval) may have
-    # fixed it at bf16; the trainer builds its own Accelerator, as a fresh process would.
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
     cfg = resolve(trainer_config(B, 6 if tiny(benchmark) else TRAINER_STEPS, tmp_path / "run"))
     result = run_training(cfg, mnist)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

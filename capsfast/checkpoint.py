@@ -253,8 +253,9 @@ class StopRequest:
     boundary (or, at its end, keeps the final checkpoint) and exits. A second Ctrl-C stops at
     once: KeyboardInterrupt, never inside a rename, so the last complete checkpoint stays."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signal: int | None = None
+        self.announce = announce  # the main process says it heard the request; other ranks don't
         self._previous = {}
 
     def __enter__(self):
@@ -269,6 +270,14 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
+        if self.announce:
+            # Said at once, so a user (or a test) knows the request was heard before pressing
+            # Ctrl-C again: two signals that arrive while a long C call holds the main thread run
+            # the handler once. os.write, not print: the handler may interrupt tqdm mid-write.
+            name = signal.Signals(signum).name
+            message = (f"\ncapsfast: {name}: saving a checkpoint at the next step, then "
+                       "stopping (Ctrl-C again stops at once)\n")  # fmt: skip
+            os.write(2, message.encode())
 
     def phase(self, name: str) -> None:
         """Mark the start of a phase of the run's end (the test hook's place)."""

@@ -74,6 +74,7 @@ def check_world_size(world: int) -> None:
 def make_accelerator(cfg: TrainConfig):
     """(accelerator, mixed_precision, compile) for this run; sets CPU threads on CPU."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import TorchDynamoPlugin
 
     from capsfast import tracking
@@ -81,6 +82,10 @@ def make_accelerator(cfg: TrainConfig):
     on_cuda = use_cuda()
     mixed_precision = resolve_mixed_precision(cfg, on_cuda)
     compile_ = resolve_compile(cfg, on_cuda)
+    # AcceleratorState is a process-wide singleton fixed by the first Accelerator: a second
+    # train() in one process (a notebook, a test) would fail on a new precision and silently keep
+    # the old compile setting. Forget it; keep PartialState (the device and the process group).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=not on_cuda,
         mixed_precision=mixed_precision,

@@ -556,7 +556,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     loop_start = time.perf_counter()
     bar = None
     try:
-        with StopRequest() as stop:
+        with StopRequest(announce=acc.is_main_process) as stop:
             for step in range(state.step, total_steps):
                 epoch, k = divmod(step, steps_per_epoch)
                 if bar is None or k == 0:  # a new epoch: its order and its progress bar

@@ -156,6 +156,7 @@ def test_sigterm_saves_at_the_next_step_and_says_how_to_resume(uninterrupted, tm
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3, stderr[-2000:]
     assert "--resume auto" in stdout
+    assert "SIGTERM: saving a checkpoint at the next step" in stderr  # heard at once
     stopped_at = list_checkpoints(out)[0]
     assert 4 < int(stopped_at.name.split("-")[1]) < STEPS  # saved at a later step boundary
     assert not (out / "summary.json").exists()

@@ -265,22 +265,29 @@ def test_explicit_triton_routing_without_a_gpu_is_a_clear_error(tmp_path):
     assert "TRITON_INTERPRET" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_two_runs_in_one_process_each_get_their_own_precision(tmp_path):
+    # A notebook's second train(): Accelerate's state outlives the first run's Accelerator, and a
+    # new precision would be refused with a ValueError (a traceback) if the trainer kept it.
+    data = synthetic_mnist()
+    for precision in ("bf16", "no"):
+        cfg = small_cfg(tmp_path / precision, max_steps=2, val_size=16, mixed_precision=precision)
+        assert train(cfg, data=data)["mixed_precision"] == precision
+
+
 def test_compiled_model_exports_plain_capsnet_keys(tmp_path):
     # Under torch.compile the prepared model is an OptimizedModule; the export must still hold
     # CapsNet's own parameter names so load_model reads it (compilation is lazy: no step needed).
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import TorchDynamoPlugin
-
     from capsfast.export import load_model, save_model
     from capsfast.model import ModelConfig
+    from capsfast.runtime import make_accelerator
     from capsfast.train import prepare_model
 
-    # Accelerate's state is a process-wide singleton: an earlier in-process run fixed it without
-    # a dynamo plugin, and a new Accelerator would silently keep that.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    acc = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend="inductor"))
-    prepared, raw, _, _ = prepare_model(ModelConfig(), small_cfg(tmp_path, compile=True), acc)
+    # The trainer's own Accelerator, after earlier in-process runs without compilation: it must
+    # still compile (make_accelerator forgets the process-wide state they left).
+    cfg = small_cfg(tmp_path, compile=True)
+    acc, _, compiled = make_accelerator(cfg)
+    assert compiled and acc.state.dynamo_plugin.backend.value.lower() == "inductor"
+    prepared, raw, _, _ = prepare_model(ModelConfig(), cfg, acc)
     assert type(prepared).__name__ == "OptimizedModule"
     save_model(raw, tmp_path / "export")
     keys = load_file(tmp_path / "export" / "model.safetensors").keys()

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -228,6 +229,12 @@ def test_sigterm_at_each_phase_of_the_end_of_a_run_loses_nothing(reference, tmp_
     same_results(reference, out)
 
 
+def drain(stream, into: list[str]) -> None:
+    """Read a child's pipe to its end, a character at a time, as it comes."""
+    for char in iter(lambda: stream.read(1), ""):
+        into.append(char)
+
+
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = launch(out)
@@ -235,10 +242,22 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(uninterrupt
     while not any(p.name == "step-00000004" for p in list_checkpoints(out)):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.05)
+    # Read stderr as it comes, so the second Ctrl-C goes only once the first was heard: two
+    # signals that arrive while a long C call holds the main thread run Python's handler once.
+    chunks: list[str] = []
+    readers = [threading.Thread(target=drain, args=(proc.stderr, chunks)),
+               threading.Thread(target=drain, args=(proc.stdout, []))]  # fmt: skip
+    for reader in readers:
+        reader.start()
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    while "saving a checkpoint at the next step" not in "".join(chunks):
+        assert proc.poll() is None and time.time() < deadline, "".join(chunks)[-2000:]
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    code, _, err = finish(proc)
+    code = proc.wait(timeout=600)
+    for reader in readers:
+        reader.join()
+    err = "".join(chunks)
     assert code == 130, err[-2000:]
     assert "Traceback" not in err and "stopped at once" in err and "--resume auto" in err
     newest = list_checkpoints(out)[0]
