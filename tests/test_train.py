@@ -268,9 +268,10 @@ def test_explicit_triton_routing_without_a_gpu_is_a_clear_error(tmp_path):
 def test_two_runs_in_one_process_each_get_their_own_precision(tmp_path):
     # A notebook's second train(): Accelerate's state outlives the first run's Accelerator, and a
     # new precision would be refused with a ValueError (a traceback) if the trainer kept it.
-    data = synthetic_mnist()
+    data = synthetic_mnist(n_train=64, n_test=8)  # bf16 on a CPU is slow: the smallest run
     for precision in ("bf16", "no"):
-        cfg = small_cfg(tmp_path / precision, max_steps=2, val_size=16, mixed_precision=precision)
+        cfg = small_cfg(tmp_path / precision, batch_size=4, max_steps=1, val_size=8,
+                        eval_batch_size=8, mixed_precision=precision)  # fmt: skip
         assert train(cfg, data=data)["mixed_precision"] == precision
 
 
