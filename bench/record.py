@@ -29,7 +29,8 @@ from pathlib import Path
 # a capsfast installed from another copy, whose commit would be recorded).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import stats_table  # noqa: E402
-from capsfast.errors import run_main  # noqa: E402
+from capsfast.config import PRESETS  # noqa: E402
+from capsfast.errors import UserError, run_main  # noqa: E402
 from capsfast.provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,24 @@ def compile_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"torchinductor_{user}"
 
 
+def machine() -> dict:
+    """The host the record ran on: processor model, cores, and the bf16/AMX instructions that
+    decide a CPU run's default precision."""
+    import platform
+
+    info = {"host_machine": platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    info["cpu_model"] = model.group(1).strip() if model else None
+    info["cpu_flags"] = [f for f in wanted if flags and f in flags.group(1).split()]
+    return info
+
+
 def is_warm(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
@@ -55,7 +74,7 @@ def parse_args(argv):
         description="Train a preset for seeds 0..N-1 in fresh processes; one JSON log per run.",
         epilog="Unknown flags go to launch/train.py (e.g. --epochs 2 --report-to none).",
     )
-    parser.add_argument("--preset", default="fast", choices=["paper", "seed", "fast"])
+    parser.add_argument("--preset", default="fast", choices=list(PRESETS))
     parser.add_argument("--seeds", type=int, default=5, help="run N seeds: K..K+N-1")
     parser.add_argument("--first-seed", type=int, default=0, help="K, the first seed (0)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/records"), help="log directory")
@@ -65,6 +84,12 @@ def parse_args(argv):
         default="accelerate",
         choices=["accelerate", "python"],
         help="accelerate: `accelerate launch launch/train.py`; python: `python launch/train.py`",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with each seed's interrupted run in --runs-dir (the trainer's --resume auto); "
+        "the log adds up the time of every attempt",
     )
     args, passthrough = parser.parse_known_args(argv)
     for flag in passthrough:
@@ -78,13 +103,21 @@ def parse_args(argv):
 
 
 def record_run(args, passthrough: list[str], seed: int, sha: str) -> dict:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = Path(args.runs_dir) / f"{args.preset}-seed{seed}-{stamp}"
+    # One directory per preset and seed, so that an interrupted record goes on (--resume).
+    run_dir = Path(args.runs_dir) / f"{args.preset}-seed{seed}"
+    attempts_file = run_dir / "record-attempts.json"
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
+        raise UserError(
+            f"{run_dir} holds an earlier record run: pass --resume to go on with it, or remove "
+            "the directory to start over"
+        )
+    attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
     launcher = ["accelerate", "launch"] if args.launcher == "accelerate" else [sys.executable, "-u"]
     command = [
         *launcher,
         "launch/train.py",
         *("--preset", args.preset, "--seed", str(seed), "--output-dir", str(run_dir)),
+        *(["--resume", "auto"] if args.resume else []),
         *passthrough,
     ]
     cache = compile_cache_dir()
@@ -95,8 +128,15 @@ def record_run(args, passthrough: list[str], seed: int, sha: str) -> dict:
     # The trainer records CAPSFAST_COMMIT, so a copy without .git still names its commit.
     proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "CAPSFAST_COMMIT": sha})
     seconds = time.time() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"record: seed {seed} failed with exit code {proc.returncode}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    attempts.append({"process_seconds": seconds, "exit_code": proc.returncode,
+                     "ended": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})  # fmt: skip
+    attempts_file.write_text(json.dumps(attempts, indent=2) + "\n")
+    if proc.returncode != 0 or not (run_dir / "summary.json").is_file():
+        raise SystemExit(
+            f"record: seed {seed} ended without a summary (exit code {proc.returncode}); to go "
+            "on, run the same command with --resume"
+        )
     summary = json.loads((run_dir / "summary.json").read_text())
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {
@@ -104,8 +144,10 @@ def record_run(args, passthrough: list[str], seed: int, sha: str) -> dict:
         "metrics": [json.loads(line) for line in lines if line.strip()],
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "compile_cache_warm": warm,
+        "machine": machine(),
         "command": command,
-        "process_seconds": seconds,
+        "process_seconds": sum(a["process_seconds"] for a in attempts),
+        "attempts": attempts,
     }
 
 

@@ -23,8 +23,8 @@ def _f(default, help, **kw):
 class TrainConfig:
     preset: str = _f(
         "paper",
-        "preset to start from: paper, seed, fast, quick or cifar10",
-        choices=["paper", "seed", "fast", "quick", "cifar10"],
+        "preset to start from: paper, seed, fast, quick, cpu-record or cifar10",
+        choices=["paper", "seed", "fast", "quick", "cpu-record", "cifar10"],
     )
     # the experiment (capsfast.tasks): what is learnt, and by which model
     task: str = _f(
@@ -160,6 +160,11 @@ class TrainConfig:
         10, "steps between host syncs: loss/lr logging, progress bar, non-finite check"
     )
     eval_batch_size: int = _f(500, "evaluation batch size per process")
+    test_every_epoch: bool = _f(
+        False,
+        "also test at every epoch end (metrics.jsonl's epoch records, for the learning curve "
+        "only: the exported model is still chosen on validation)",
+    )
     skip_nonfinite: bool = _f(
         False,
         "skip steps whose loss or gradient is not finite instead of stopping (counted in the logs)",
@@ -321,6 +326,23 @@ PRESETS: dict[str, dict] = {
         "val_size": 1000,
         "log_every": 20,
         "checkpoint_every": 200,
+    },
+    # The accuracy record on a 2-core CPU (bench/results/records/): the paper's model and
+    # losses, the fast preset's one-cycle schedule with EMA at the paper's batch, in the time a
+    # CPU gives an afternoon. Precision follows the CPU (bf16 where it has bf16 instructions).
+    # A checkpoint every epoch (429 steps), so a stop costs at most one epoch (--resume auto).
+    "cpu-record": {
+        "batch_size": 128,
+        "epochs": 10,
+        "lr": 2e-3,
+        "schedule": "onecycle",
+        "warmup_frac": 0.05,
+        "final_lr_frac": 0.02,
+        "ema_decay": 0.999,
+        "log_every": 20,
+        "checkpoint_every": 429,
+        "keep_checkpoints": 2,
+        "test_every_epoch": True,
     },
     # The paper's CIFAR-10 model (section 7: 10.6% test error from an ensemble of 7 such models,
     # 3 routing iterations, 24x24 patches, 64 primary capsule types, a "none-of-the-above"

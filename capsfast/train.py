@@ -221,6 +221,8 @@ def estimate_line(per_step: float, steps_left: int, batch: int) -> str:
 
 def epoch_line(r: dict) -> str:
     val = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}"
+    if r.get("test_accuracy") is not None:
+        val += f", test acc {r['test_accuracy']:.4f}"
     return (f"epoch {r['epoch']:g} step {r['step']}: loss {r['train_loss']:.4f} (margin "
             f"{r['margin_loss']:.4f}, recon {r['recon_loss']:.4f}), train acc "
             f"{r['train_accuracy']:.4f}, val acc {val}, lr {r['lr']:.2e}, "
@@ -282,22 +284,30 @@ def export_if_best(model, val, state: TrainState, out: Path, accelerator, meta: 
 
 
 def validate_and_export(acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
-                        steps_per_epoch, train_stats, images_per_second=None, desc=None) -> dict:  # fmt: skip
-    """Validate, export if best, append the epoch record (metrics.jsonl) and log it."""
+                        steps_per_epoch, train_stats, images_per_second=None, desc=None,
+                        test=None) -> dict:  # fmt: skip
+    """Validate, export if best, append the epoch record (metrics.jsonl) and log it. `test`
+    (--test-every-epoch): the test set too, for the learning curve only; the export is still
+    chosen on validation."""
     t = time.time()
-    val = None
+    val = test_acc = None
     if len(val_x):
         val, _ = evaluate(eval_model, val_x, val_y, acc, cfg.eval_batch_size, desc=desc)
+    if test is not None:
+        test_acc, _ = evaluate(eval_model, *test, acc, cfg.eval_batch_size)
     export_if_best(eval_model, val, state, out, acc, meta)
     epochs = [r for r in state.records if r["kind"] == "epoch"]
     now = time.time()
     record = {"kind": "epoch", "epoch": round(state.step / steps_per_epoch, 4), "step": state.step,
               **train_stats, "val_accuracy": val, "lr": optimizer.param_groups[0]["lr"],
+              **({"test_accuracy": test_acc} if test is not None else {}),
               "epoch_seconds": now - (epochs[-1]["time"] if epochs else PROCESS_START),
               "eval_seconds": now - t, "images_per_second": images_per_second, "time": now}  # fmt: skip
     append_record(record, state, out, acc)
     if val is not None:
         acc.log({"val/accuracy": val, "epoch": record["epoch"]}, step=state.step)
+    if test_acc is not None:
+        acc.log({"test/epoch_accuracy": test_acc}, step=state.step)
     return record
 
 
@@ -416,7 +426,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     from capsfast import tracking
 
     cfg.validate()
-    acc, mixed_precision, compiled = runtime.make_accelerator(cfg)
+    acc, mixed_precision, precision_reason, compiled = runtime.make_accelerator(cfg)
     device, world = acc.device, acc.num_processes
     out = make_output_dir(cfg.output_dir, acc)
     set_seed(cfg.seed)
@@ -467,7 +477,8 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
 
     parameters = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     config_record = {**cfg.to_dict(), "model": model_cfg.to_dict(), "resolved": {
-        "mixed_precision": mixed_precision, "compile": compiled, "routing": raw_model.routing,
+        "mixed_precision": mixed_precision, "precision_reason": precision_reason,
+        "compile": compiled, "routing": raw_model.routing,
         "world_size": world, "lr_scaled": cfg.scaled_lr(), "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps, "train_size": len(train_x), "parameters": parameters,
         "dataset": data.name, "class_names": list(data.class_names), "val_size": val_size,
@@ -489,7 +500,8 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
         + "".join(f"capsfast: {note}\n" for note in task.notes)
         + f"capsfast: {data_line(data, cfg, len(train_x), len(val_x), len(test_x), flip, placement)}\n"
         f"capsfast: {world} process{'es' if world > 1 else ''} on {runtime.describe_device(acc)}, "
-        f"{runtime.PRECISION_NAMES[mixed_precision]}, compile {'on' if compiled else 'off'}\n"
+        f"{runtime.PRECISION_NAMES[mixed_precision]} ({precision_reason}), compile "
+        f"{'on' if compiled else 'off'}\n"
         f"capsfast: {total_steps:,} steps ({total_steps / steps_per_epoch:.3g} epochs of "
         f"{steps_per_epoch:,} at global batch {cfg.batch_size}), lr {cfg.scaled_lr():.3g} "
         f"({cfg.schedule}); output in {out}"
@@ -535,7 +547,8 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                 stats = means(state.epoch_stats)
                 state.epoch_stats = [0.0] * 5
                 epoch = validate_and_export(**end_context, train_stats=stats,
-                                            images_per_second=bar.format_dict.get("rate"))  # fmt: skip
+                                            images_per_second=bar.format_dict.get("rate"),
+                                            test=task.test if cfg.test_every_epoch else None)  # fmt: skip
                 say(acc, epoch_line(epoch))
                 target_acc, val = cfg.stop_at_accuracy, epoch["val_accuracy"]
                 if target_acc is not None and val is not None and val >= target_acc:
@@ -604,6 +617,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                     "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
                     "mixed_precision": mixed_precision,
                     "precision": runtime.PRECISION_NAMES[mixed_precision],
+                    "precision_reason": precision_reason,
                     "routing": raw_model.routing, "parameters": parameters,
                     "task": cfg.task, "model": cfg.model,
                     "stopped_early": early_stop.get("reason"),
@@ -707,7 +721,8 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
     if last is None or last["step"] != state.step:
         stats = means(state.epoch_stats)
         validate_and_export(acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
-                            steps_per_epoch, stats, desc="validation")  # fmt: skip
+                            steps_per_epoch, stats, desc="validation",
+                            test=task.test if cfg.test_every_epoch else None)  # fmt: skip
     phase("test")
     routing = summary_fields["routing"]
     exported = load_model(out / "model", device=acc.device, routing=routing)
