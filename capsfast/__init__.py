@@ -55,7 +55,8 @@ __version__ = "0.1.0"
 
 
 def load_model(path, device="cpu", routing="auto"):
-    """Load an exported model directory (model.safetensors + config.json)."""
+    """Load an exported model: a directory (model.safetensors + config.json), or the name of a
+    trained model shipped with capsfast ("mnist"); an existing directory of that name wins."""
     from capsfast.export import load_model as _load
 
     return _load(path, device=device, routing=routing)

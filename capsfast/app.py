@@ -26,6 +26,7 @@ from capsfast.errors import UserError
 from capsfast.infer import ImageError, has_decoder, read_digit, to_uint8
 
 DELTA_RANGE = 0.25  # slider range, as in the capsule-dimension figure
+DEFAULT_MODEL = "mnist"  # the shipped model the app serves when given none
 DISPLAY = 8  # 28x28 images are shown at 8x (224 px), nearest neighbour; others near 224 px
 RECON_ID, PRED_ID = "reconstruction", "prediction"
 
@@ -232,13 +233,21 @@ def check_port(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python launch/app.py MODEL [--port P] [--host H] [--device D]`: serve the app locally."""
+    """`python launch/app.py [MODEL] [--port P] [--host H] [--device D]`: serve the app locally
+    (no MODEL: the shipped mnist model)."""
     import argparse
 
+    from capsfast.export import SHIPPED_DIR, shipped_name
     from capsfast.infer import ROUTINGS, load_for_inference
 
     parser = argparse.ArgumentParser(prog="app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="exported model directory (model.safetensors + config.json)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="exported model directory (model.safetensors + config.json), or the name of a "
+        "shipped model; an existing directory of that name wins (default: the shipped mnist)",
+    )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(
         "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all; default local)"
@@ -249,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.port <= 65535:
         parser.error(f"--port {args.port}: choose a port from 1 to 65535")
 
+    if args.model is None:  # the shipped one, even where ./mnist exists
+        args.model = str(SHIPPED_DIR / DEFAULT_MODEL)
+        print(f"app: no model given: using the shipped model {DEFAULT_MODEL!r}", flush=True)
+    elif shipped_name(args.model):
+        print(f"app: using the shipped model {args.model!r}", flush=True)
     # Everything a user can get wrong is checked before gradio (seconds to import) loads.
     model = load_for_inference(args.model, args.device, args.routing)
     check_port(args.host, args.port)

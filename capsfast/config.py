@@ -250,6 +250,15 @@ class TrainConfig:
                 "--output-dir must not be empty",
             ),
         ]
+        # Every float flag must be a finite number: an `inf` weight would train on and fail
+        # later as a "non-finite loss" that names the wrong flag.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{_flag(f.name)} must be a finite number, got {value}")
+        checks.append(
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+        )
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

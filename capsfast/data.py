@@ -177,6 +177,9 @@ def read_idx(path: Path, kind: str, expected_count: int | None = None) -> torch.
     if len(raw) < 4 + 4 * ndim or struct.unpack(">I", raw[:4])[0] != magic:
         raise DataError(f"{path}: not an IDX {kind} file of bytes (bad header)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    if dims[0] == 0 or 0 in dims[1:]:
+        raise DataError(f"{path}: the header says {' x '.join(map(str, dims))} {kind}: the file "
+                        "holds no data; replace it")  # fmt: skip
     if expected_count is not None and dims[0] != expected_count:
         raise DataError(f"{path}: header says {dims[0]:,} {kind}, expected {expected_count:,}")
     size = 1

@@ -24,6 +24,8 @@ from capsfast.errors import UserError
 from capsfast.model import CapsNet, ModelConfig
 
 FORMAT = "capsfast-model"
+# Trained models shipped inside the package, by name (`capsfast.load_model("mnist")`).
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "models"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -34,15 +36,52 @@ def architecture(model) -> str:
     return "baseline" if isinstance(model, BaselineCNN) else "capsnet"
 
 
+def shipped_models() -> list[str]:
+    """The names of the trained models that come with capsfast."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / CONFIG).is_file())
+
+
+def shipped_name(model: str | Path) -> str | None:
+    """`model` as the name of a shipped model, or None when it is a path. A path that exists
+    wins: a folder named `mnist` in the current directory is that folder, not the shipped one."""
+    if Path(model).exists() or str(model) not in shipped_models():
+        return None
+    return str(model)
+
+
+def model_dir(model: str | Path) -> Path:
+    """A model argument (an export directory, or the name of a shipped model) as a directory."""
+    name = shipped_name(model)
+    return SHIPPED_DIR / name if name else Path(model)
+
+
+def output_dir(model: str | Path, what: str) -> Path:
+    """Where a command writes `what` (figures, reconstructions) for a model by default: inside
+    an export directory; for a shipped model, `NAME-WHAT` in the current directory (never inside
+    the installed package)."""
+    name = shipped_name(model)
+    return Path(f"{name}-{what}") if name else Path(model) / what
+
+
 def save_model(
-    model: CapsNet | BaselineCNN, directory: str | Path, meta: dict | None = None
+    model: CapsNet | BaselineCNN,
+    directory: str | Path,
+    meta: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write model.safetensors and config.json into `directory` (created if needed)."""
+    """Write model.safetensors and config.json into `directory` (created if needed). `dtype`:
+    how floating-point weights are stored (the shipped models: float16, half the bytes); any
+    dtype loads into the float32 model."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     tmp = directory / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     tmp.replace(directory / WEIGHTS)
@@ -67,7 +106,8 @@ def _check_directory(directory: Path) -> None:
     if not directory.exists():
         raise ModelError(
             f"{directory}: no such model directory; give the folder written by training "
-            f"(runs/NAME/model, with {WEIGHTS} and {CONFIG})"
+            f"(runs/NAME/model, with {WEIGHTS} and {CONFIG}) or a shipped model's name "
+            f"({', '.join(shipped_models()) or 'none installed'})"
         )
     hint = f" (here: {directory.parent})" if directory.name in (WEIGHTS, CONFIG) else ""
     raise ModelError(
@@ -213,8 +253,9 @@ def build_model(config: dict, path: Path, routing: str = "auto"):
 
 
 def read_config(directory: str | Path) -> dict:
-    """config.json of an exported model, checked: raises ModelError saying what is wrong."""
-    directory = Path(directory)
+    """config.json of an exported model (a directory or a shipped model's name), checked:
+    raises ModelError saying what is wrong."""
+    directory = model_dir(directory)
     _check_directory(directory)
     path = directory / CONFIG
     if not path.is_file():
@@ -251,11 +292,12 @@ def _one_line(e: Exception) -> str:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", routing: str = "auto"):
-    """Load an exported model for inference (eval mode) on `device`; raises ModelError for a
-    directory, config or weights file that is not a loadable capsfast model."""
+    """Load an exported model for inference (eval mode) on `device`: a directory, or the name of
+    a model shipped with capsfast (`shipped_models()`; an existing directory of that name wins).
+    Raises ModelError for a directory, config or weights file that is not a loadable model."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = model_dir(directory)
     config = read_config(directory)
     model = build_model(config, directory / CONFIG, routing)
     weights = directory / WEIGHTS

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from capsfast.data import centre_crop
     from capsfast.datasets import load_dataset
     from capsfast.errors import UserError
-    from capsfast.export import read_config
+    from capsfast.export import output_dir, read_config
     from capsfast.infer import ROUTINGS, load_for_inference
 
     parser = argparse.ArgumentParser(
@@ -327,9 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Reconstructions, capsule-dimension perturbations, confusion matrix and the "
         "most confidently wrong test digits of an exported model, as PNG.",
     )
-    parser.add_argument("model", help="exported model directory (model.safetensors + config.json)")
     parser.add_argument(
-        "--out", default=None, help="output folder (default: MODEL/figures, inside the model's)"
+        "model",
+        help="exported model directory (model.safetensors + config.json), or the name of a "
+        "shipped model (mnist): an existing directory of that name wins",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: MODEL/figures, inside the model's; a shipped model: "
+        "./NAME-figures)",
     )
     parser.add_argument(
         "--test-size", type=int, default=10_000, help="test images used (default: all 10,000)"
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.test_size < 1:
         parser.error("--test-size must be at least 1")
-    out = Path(args.out) if args.out else Path(args.model) / "figures"
+    out = Path(args.out) if args.out else output_dir(args.model, "figures")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a directory (created if missing)")
     model = load_for_inference(args.model, args.device, args.routing)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from capsfast.errors import UserError, describe_os_error
-from capsfast.export import load_model
+from capsfast.export import load_model, output_dir, shipped_models
 from capsfast.memory import check_fused_shape
 from capsfast.routing import resolve_impl
 
@@ -523,7 +523,7 @@ def reconstruction_dir(value: str, model_dir: str | Path) -> Path:
     """Where --save-reconstructions writes: DIR as given, else MODEL/reconstructions (never the
     current directory). Refuses a file, and a folder that holds other images (most often an input
     folder that the option took as its DIR)."""
-    out = Path(value) if value else Path(model_dir) / RECONSTRUCTIONS
+    out = Path(value) if value else output_dir(model_dir, RECONSTRUCTIONS)
     if out.exists() and not out.is_dir():
         raise UserError(
             f"--save-reconstructions {out} is a file: give a directory (created if missing)"
@@ -552,7 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument(
-        "--model", required=True, help="exported model directory (model.safetensors + config.json)"
+        "--model",
+        required=True,
+        help="exported model directory (model.safetensors + config.json), or the name of a "
+        f"shipped model ({', '.join(shipped_models()) or 'none installed'}): an existing "
+        "directory of that name wins",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line and file")
     parser.add_argument(
@@ -561,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         const="",
         metavar="DIR",
         help="write each reconstruction (and the 28x28 input the model saw) as PNG into DIR "
-        f"(default: MODEL/{RECONSTRUCTIONS}); write it as --save-reconstructions=DIR",
+        f"(default: MODEL/{RECONSTRUCTIONS}; a shipped model: ./NAME-{RECONSTRUCTIONS}); write "
+        "it as --save-reconstructions=DIR",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument(

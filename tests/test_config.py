@@ -1,6 +1,7 @@
 """Presets, flags, the learning-rate rule and schedule, and their one-line errors."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -128,17 +129,60 @@ def test_presets_all_resolve_and_validate():
 
 
 def test_mixed_precision_resolution(monkeypatch):
+    from capsfast import runtime
+
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     paper = parse_args([])
-    assert resolve_mixed_precision(paper, on_cuda=False) == "no"  # fp32 on CPU
-    assert resolve_mixed_precision(paper, on_cuda=True) == "bf16"  # the preset's choice on CUDA
-    assert resolve_mixed_precision(parse_args(["--preset", "seed"]), on_cuda=True) == "no"
+    # On a CPU the default follows its instructions: bf16 where it has bf16 units, else fp32.
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: None)
+    assert resolve_mixed_precision(paper, on_cuda=False) == (
+        "no", "the CPU has no native bf16 (emulated bf16 is several times slower)")  # fmt: skip
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: "avx512_bf16")
+    assert resolve_mixed_precision(paper, on_cuda=False) == (
+        "bf16", "the CPU has native bf16 (avx512_bf16)")  # fmt: skip
+    assert resolve_mixed_precision(paper, on_cuda=True) == ("bf16", "--cuda-precision on CUDA")
+    seed = parse_args(["--preset", "seed"])
+    assert resolve_mixed_precision(seed, on_cuda=True)[0] == "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` exports
-    assert resolve_mixed_precision(paper, on_cuda=True) == "bf16"
+    assert resolve_mixed_precision(paper, on_cuda=True)[0] == "bf16"
+    assert resolve_mixed_precision(paper, on_cuda=False)[0] == "bf16"  # "no" there: not set
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # a launcher choice applies
-    assert resolve_mixed_precision(paper, on_cuda=False) == "fp16"
+    assert resolve_mixed_precision(paper, on_cuda=True) == (
+        "fp16", "the launcher's --mixed_precision")  # fmt: skip
     flagged = parse_args(["--mixed-precision", "no"])  # the flag wins
-    assert resolve_mixed_precision(flagged, on_cuda=True) == "no"
+    assert resolve_mixed_precision(flagged, on_cuda=True) == ("no", "--mixed-precision")
+    assert resolve_mixed_precision(flagged, on_cuda=False) == ("no", "--mixed-precision")
+
+
+def test_native_bf16_is_read_from_the_cpu():
+    """The test is torch's CPU-instruction probe (AMX tiles, AVX-512 BF16), not oneDNN's flag,
+    which is true on any AVX-512 CPU, emulating or not."""
+    import torch
+
+    from capsfast.runtime import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    assert native in (None, "AMX", "avx512_bf16")
+    expected = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert (native is not None) == expected
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else None
+    if flags is not None and native is not None:  # the kernel reports the instructions too
+        assert "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.parametrize("how", ["flag", "launcher"])
+def test_fp16_on_a_cpu_is_refused_in_one_line(monkeypatch, tmp_path, how):
+    """Accelerate has no fp16 autocast on a CPU: the run would be fp32 under an fp16 label."""
+    from capsfast.runtime import SetupError, make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    argv = ["--output-dir", str(tmp_path), "--report-to", "none"]
+    if how == "flag":
+        argv += ["--mixed-precision", "fp16"]
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(SetupError, match=r"^fp16 on a CPU \(.*\): there is no fp16 autocast"):
+        make_accelerator(parse_args(argv))
 
 
 def test_compile_resolution(monkeypatch):
@@ -186,3 +230,23 @@ def test_quick_preset_is_a_short_paper_run():
     cfg = parse_args(["--preset", "quick"])
     assert (cfg.batch_size, cfg.max_steps, cfg.schedule, cfg.max_shift) == (32, 400, "step", 2)
     assert cfg.scaled_lr() == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "flag", ["--lr", "--decoder-lr", "--weight-decay", "--recon-weight", "--max-seconds",
+             "--ema-decay", "--warmup-frac", "--final-lr-frac", "--stop-at-accuracy"]
+)  # fmt: skip
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_every_float_flag_must_be_finite_and_the_error_names_it(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args([f"{flag}={value}"])
+    assert e.value.code == 2
+    assert f"{flag} must be a finite number, got {float(value)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_out_of_range_is_one_line(seed, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--seed", seed])
+    assert e.value.code == 2 and "--seed must be in [0, 2**32 - 1]" in capsys.readouterr().err
+    assert parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1

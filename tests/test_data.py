@@ -156,3 +156,17 @@ def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"PK")
     with pytest.raises(DataError, match="is a file, not a directory.*--data-dir"):
         load_mnist(path)
+
+
+@pytest.mark.parametrize("dims", [(0, 28, 28), (5, 0, 28)])
+def test_an_idx_file_with_no_items_is_one_line(tmp_path, dims):
+    import struct
+
+    from capsfast.data import read_idx
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">4I", 0x0803, *dims))
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte: the header says .* holds no data"
+    ):
+        read_idx(path, "images")

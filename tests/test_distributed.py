@@ -33,6 +33,8 @@ FLAGS = [
     "none",
     "--checkpoint-every",
     str(STEPS),
+    "--mixed-precision",
+    "no",  # fp32: the tests of behaviour pin it (the CPU default is bf16 where the CPU has it)
 ]
 
 
@@ -112,6 +114,8 @@ def test_triton_routing_under_ddp_matches_the_reference(tmp_path, routing):
         "2",
         "--checkpoint-every",
         "2",
+        "--mixed-precision",
+        "no",
     ]
     runs = {}
     for impl in ("torch", routing):

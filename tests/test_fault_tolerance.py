@@ -39,6 +39,8 @@ FLAGS = [
     "5",
     "--cpu-threads",
     "2",
+    "--mixed-precision",
+    "no",  # fp32: the tests of behaviour pin it (the CPU default is bf16 where the CPU has it)
 ]
 
 

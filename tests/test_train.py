@@ -47,6 +47,7 @@ def small_cfg(tmp_path, **kw):
         output_dir=str(tmp_path),
         eval_batch_size=64,
         cpu_threads=2,
+        mixed_precision="no",  # fp32: the tests of behaviour pin it (the CPU default is bf16 where the CPU has it)
     )
     return resolve({**base, **kw})
 
@@ -136,6 +137,7 @@ def test_summary_has_every_key_with_its_meaning(tmp_path):
         "images_per_second",
         "device",
         "mixed_precision",
+        "precision_reason",
         "routing",
         "preset",
         "seed",
@@ -199,6 +201,8 @@ def _launch(args, tmp_path, env_extra=None, timeout=600):
         "16",
         "--test-size",
         "16",
+        "--mixed-precision",
+        "no",
         "--output-dir",
         str(tmp_path),
         *args,
@@ -275,6 +279,40 @@ def test_two_runs_in_one_process_each_get_their_own_precision(tmp_path):
         assert train(cfg, data=data)["mixed_precision"] == precision
 
 
+def test_the_cpu_default_precision_follows_the_cpu_and_says_why(tmp_path, capsys):
+    # No flag, no launcher setting: bf16 where the CPU has bf16 instructions, else fp32; the
+    # banner, config.json and summary.json name the choice and its reason.
+    from capsfast.runtime import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    data = synthetic_mnist(n_train=64, n_test=8)
+    cfg = small_cfg(tmp_path, batch_size=4, max_steps=1, val_size=8, eval_batch_size=8,
+                    mixed_precision=None)  # fmt: skip
+    summary = train(cfg, data=data)
+    expected = ("bf16", f"the CPU has native bf16 ({native})") if native else (
+        "no", "the CPU has no native bf16 (emulated bf16 is several times slower)")  # fmt: skip
+    assert (summary["mixed_precision"], summary["precision_reason"]) == expected
+    resolved = json.loads((tmp_path / "config.json").read_text())["resolved"]
+    assert (resolved["mixed_precision"], resolved["precision_reason"]) == expected
+    banner = "bf16 autocast" if native else "fp32"
+    assert f"{banner} ({expected[1]})" in capsys.readouterr().out
+
+
+def test_test_every_epoch_records_the_test_accuracy_of_each_epoch(tmp_path):
+    # --test-every-epoch: each epoch record holds the test accuracy (the curve of a record run);
+    # without it, none does. The export is still chosen on validation.
+    data = synthetic_mnist()
+    summary = train(small_cfg(tmp_path / "on", max_steps=None, epochs=2, test_every_epoch=True),
+                    data=data)  # fmt: skip
+    lines = (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()
+    epochs = [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(0 <= r["test_accuracy"] <= 1 for r in epochs)
+    assert summary["test_size"] == 64  # the same test set, once more for the exported model
+    train(small_cfg(tmp_path / "off", max_steps=None, epochs=1), data=data)
+    lines = (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()
+    assert not any("test_accuracy" in json.loads(line) for line in lines)
+
+
 def test_compiled_model_exports_plain_capsnet_keys(tmp_path):
     # Under torch.compile the prepared model is an OptimizedModule; the export must still hold
     # CapsNet's own parameter names so load_model reads it (compilation is lazy: no step needed).
@@ -286,7 +324,7 @@ def test_compiled_model_exports_plain_capsnet_keys(tmp_path):
     # The trainer's own Accelerator, after earlier in-process runs without compilation: it must
     # still compile (make_accelerator forgets the process-wide state they left).
     cfg = small_cfg(tmp_path, compile=True)
-    acc, _, compiled = make_accelerator(cfg)
+    acc, _, _, compiled = make_accelerator(cfg)
     assert compiled and acc.state.dynamo_plugin.backend.value.lower() == "inductor"
     prepared, raw, _, _ = prepare_model(ModelConfig(), cfg, acc)
     assert type(prepared).__name__ == "OptimizedModule"
