@@ -70,9 +70,11 @@ def tiny(benchmark) -> bool:
     return benchmark.disabled or TINY_TIMED
 
 
-def skip_unless_meaningful(benchmark, *, dtype: str = "fp32", triton: bool = False) -> None:
-    """On CPU, time fp32, bf16 where the CPU has bf16 instructions (the trainer's default
-    there), and no Triton; at tiny sizes everything runs."""
+def skip_unless_meaningful(
+    benchmark, *, dtype: str = "fp32", triton: bool = False, compiled: bool = False
+) -> None:
+    """On CPU, time fp32 (eager and compiled), eager bf16 where the CPU has bf16 instructions
+    (the trainer's default there), and no Triton; at tiny sizes everything runs."""
     if ON_CUDA or tiny(benchmark):
         return
     from capsfast.runtime import cpu_has_native_bf16
@@ -83,6 +85,11 @@ def skip_unless_meaningful(benchmark, *, dtype: str = "fp32", triton: bool = Fal
         pytest.skip(
             "this CPU has no bf16 instructions: bf16 is emulated, 6-13x slower than fp32 where "
             "measured, and the trainer runs fp32 here"
+        )
+    if dtype == "bf16" and compiled:
+        pytest.skip(
+            "compiled bf16 on a CPU: not the trainer's CPU setting (compile is off there) and "
+            "30-45 s of compilation a row; the tiny run checks this path"
         )
     if triton:
         pytest.skip("Triton runs on CPU only under its interpreter: its time measures Python")
@@ -251,7 +258,9 @@ def variant_setup(benchmark, variant: str, batch: int, batches: tuple) -> tuple[
     """'compiled-bf16-triton' -> (True, 'bf16', 'triton'), after skipping what cannot run here."""
     mode, dtype, routing = variant.split("-")
     first_batch_only(benchmark, batch, batches)
-    skip_unless_meaningful(benchmark, dtype=dtype, triton=routing != "torch")
+    skip_unless_meaningful(
+        benchmark, dtype=dtype, triton=routing != "torch", compiled=mode == "compiled"
+    )
     if routing != "torch":
         need_triton(routing)
     return mode == "compiled", dtype, routing

@@ -81,7 +81,8 @@ def assert_close(got, want, dtype: str, what: str):
 
 def bench_routing(benchmark, subject: str, impl: str, pass_: str, dtype: str, batch: int):
     first_batch_only(benchmark, batch, BATCHES)
-    skip_unless_meaningful(benchmark, dtype=dtype, triton=impl in ("triton", "fused"))
+    skip_unless_meaningful(benchmark, dtype=dtype, triton=impl in ("triton", "fused"),
+                           compiled=impl == "compiled")  # fmt: skip
     if impl in ("triton", "fused"):
         need_triton(impl)
     B, n_in = (TINY["batch"], TINY["I"]) if benchmark.disabled else (batch, I)
