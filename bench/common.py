@@ -288,12 +288,16 @@ def autocast(dtype: str):
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
-def train_step(model, net, dtype: str):
+def train_step(model, net, dtype: str, fused_adam: bool | None = None):
     """The trainer's optimiser step (capsfast.train): forward + loss, backward, Adam, zero_grad.
-    `net` is the model or its compiled wrapper; returns step(x, y) -> (loss, poses), detached."""
+    `net` is the model or its compiled wrapper; returns step(x, y) -> (loss, poses), detached.
+    `fused_adam`: force Adam's fused (one kernel) or foreach implementation (cpu_breakdown.py
+    compares them on a CPU; the trainer's choice otherwise)."""
     from capsfast.config import resolve
 
     optimizer = build_optimizer(model, resolve({"preset": "paper"}))
+    if fused_adam is not None:
+        optimizer = torch.optim.Adam(optimizer.param_groups, fused=fused_adam)
 
     def step(x, y):
         new_step()

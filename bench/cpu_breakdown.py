@@ -8,7 +8,10 @@ step runs them (Conv1's input needs no gradient; PrimaryCaps' does), PrimaryCaps
 memory format, and the whole optimiser step (bench/common.py's train_step: the trainer's loss,
 backward and Adam), also with PrimaryCaps' input in channels_last (the one memory-format change a
 model could make; its weights stay contiguous, as safetensors and the optimiser want them). Each row: median seconds, GFLOP (2 per multiply-add), GFLOP/s and the
-fraction of the matmul rate. fp32, the torch routing, eager: what the trainer runs on a CPU.
+fraction of the matmul rate. fp32, the torch routing, eager (the trainer's CPU step where bf16 is
+emulated); then the options for the rest of the step, each a whole step: bf16 autocast (the
+trainer's CPU default where the CPU has bf16 instructions), Adam's fused kernel, torch.compile,
+torch.compile with bf16.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out the torch.compile rows (~1 min)"
+    )
     args = parser.parse_args(argv)
     B = args.batch
     torch.manual_seed(0)
@@ -69,6 +75,21 @@ def main(argv=None) -> int:
         lambda _, args: (args[0].contiguous(memory_format=torch.channels_last),)
     )
     step_cl = train_step(model_cl, model_cl, "fp32")
+    # The options for the 46% of the step that is not PrimaryCaps (issue: the CPU step against
+    # the peers): bf16 autocast where the CPU has bf16 instructions, Adam's fused CPU kernel, and
+    # torch.compile of the whole model (its compilation is not timed: the first call).
+    model_bf16 = new_model("torch", W_INIT_TRAIN)
+    step_bf16 = train_step(model_bf16, model_bf16, "bf16")
+    model_fused = new_model("torch", W_INIT_TRAIN)
+    step_fused = train_step(model_fused, model_fused, "fp32", fused_adam=True)
+    compiled = {}
+    for dtype in () if args.no_compile else ("fp32", "bf16"):
+        torch._dynamo.reset()
+        m = new_model("torch", W_INIT_TRAIN)
+        compiled[dtype] = train_step(m, torch.compile(m), dtype)
+        t = time.perf_counter()
+        compiled[dtype](x, y)  # compiles
+        print(f"compiled the {dtype} step in {time.perf_counter() - t:.0f} s", flush=True)
 
     def conv1_fwd():
         with torch.no_grad():
@@ -101,7 +122,12 @@ def main(argv=None) -> int:
             lambda: step_cl(x, y),
             FLOP_TRAIN * B / 1e9,
         ),
+        "train step, bf16 autocast": (lambda: step_bf16(x, y), FLOP_TRAIN * B / 1e9),
+        "train step, fused Adam": (lambda: step_fused(x, y), FLOP_TRAIN * B / 1e9),
     }
+    for dtype, step_c in compiled.items():
+        name = "train step, torch.compile" + (" + bf16" if dtype == "bf16" else "")
+        rows[name] = (lambda step_c=step_c: step_c(x, y), FLOP_TRAIN * B / 1e9)
     times = {name: [] for name in rows}
     for _ in range(args.repeats):  # interleaved: each round times every row once
         for name, (fn, _) in rows.items():
