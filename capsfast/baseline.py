@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsfast.hub import HubMixin
 from capsfast.model import ModelConfig, class_targets, known_fields
 
 
@@ -100,8 +101,9 @@ class BaselineOutput:
         return self.logits
 
 
-class BaselineCNN(nn.Module):
-    """`BaselineCNN()` is the paper's MNIST baseline (35,445,522 parameters)."""
+class BaselineCNN(nn.Module, HubMixin):
+    """`BaselineCNN()` is the paper's MNIST baseline (35,445,522 parameters). HubMixin gives it
+    save_pretrained, from_pretrained and push_to_hub (capsfast.hub), as CapsNet has them."""
 
     def __init__(self, config: BaselineConfig | None = None):
         super().__init__()

@@ -1,6 +1,6 @@
 """The entry points: `launch/*.py` and the console scripts (capsfast-train, capsfast-predict,
-capsfast-visualize, capsfast-app) all come here, so every one runs inside the same error
-boundary (capsfast.errors.run_main). Each imports its module only when called."""
+capsfast-visualize, capsfast-app, capsfast-export) all come here, so every one runs inside the
+same error boundary (capsfast.errors.run_main). Each imports its module only when called."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ ENTRY_POINTS = {  # name: (module with main(argv) -> int, the program name in me
     "predict": ("capsfast.infer", "predict"),
     "visualize": ("capsfast.figures", "visualize"),
     "app": ("capsfast.app", "app"),
+    "export": ("capsfast.portable", "export"),
 }
 
 
@@ -35,3 +36,7 @@ def visualize() -> int:
 
 def app() -> int:
     return run("app")
+
+
+def export() -> int:
+    return run("export")

@@ -29,6 +29,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "models"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CARD = "README.md"  # the model card (capsfast.model_card): what makes a directory Hub-ready
 
 
 def architecture(model) -> str:
@@ -320,4 +321,23 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", routin
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ModelError(f"{weights} holds NaN or infinite weights in {bad[:4]}; re-export it")
+    # Provenance and card travel with the model, so save_pretrained writes them again.
+    model.export_meta = config["meta"] if isinstance(config.get("meta"), dict) else {}
+    card = directory / CARD
+    model.card_text = card.read_text(errors="replace") if card.is_file() else None
     return model.to(device).eval()
+
+
+def model_config(directory: str | Path) -> ModelConfig | BaselineConfig:
+    """The architecture (and so the classes and how a picture becomes input) of an exported
+    model, checked, without reading its weights: what `capsfast.infer.prepare_input` needs to
+    feed an ONNX or pt2 graph of it."""
+    directory = model_dir(directory)
+    config = read_config(directory)
+    path = directory / CONFIG
+    kind = config.get("architecture", "capsnet")
+    if kind == "baseline":
+        return _baseline_config(config["model"], path)
+    if kind != "capsnet":
+        build_model(config, path)  # raises its one line on an unknown architecture
+    return _model_config(config["model"], path)

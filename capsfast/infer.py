@@ -311,10 +311,16 @@ def preprocess_fit(grey: torch.Tensor, size: int = FIELD) -> torch.Tensor:
 
 def prepare_input(config, source) -> torch.Tensor:
     """A path, PIL image or array -> the float [C, S, S] input in [0, 1] that a model with
-    ModelConfig `config` expects, by its input_style (see the module docstring)."""
+    ModelConfig `config` expects, by its input_style (see the module docstring). `config` may
+    also be the model's export directory or shipped name (read without its weights), so that
+    an ONNX or pt2 graph of the model gets exactly what `predict` gives the model."""
     from capsfast.data import centre_crop
     from capsfast.datasets import image_to_tensor
 
+    if isinstance(config, (str, Path)):
+        from capsfast.export import model_config
+
+        config = model_config(config)
     C, S = config.in_channels, config.image_size
     if config.input_style == "photo":
         img = open_image(source)

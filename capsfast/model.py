@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsfast.data import INPUT_STYLES, MNIST_CLASSES
+from capsfast.hub import HubMixin
 from capsfast.routing import IMPLS, implementation, resolve_impl, safe_norm, squash
 
 
@@ -203,8 +204,9 @@ class Decoder(nn.Module):
         return self.net((poses * mask).flatten(1)).view(-1, *self.shape)
 
 
-class CapsNet(nn.Module):
-    """`CapsNet()` is the paper's MNIST model (8,215,728 parameters with the DigitCaps bias)."""
+class CapsNet(nn.Module, HubMixin):
+    """`CapsNet()` is the paper's MNIST model (8,215,728 parameters with the DigitCaps bias).
+    HubMixin gives it save_pretrained, from_pretrained and push_to_hub (capsfast.hub)."""
 
     def __init__(self, config: ModelConfig | None = None, routing: str = "auto"):
         super().__init__()

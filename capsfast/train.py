@@ -45,8 +45,9 @@ from capsfast.data import (
 from capsfast.datasets import load_dataset
 from capsfast.ema import EMA
 from capsfast.errors import Interrupted, UserError, describe_os_error
-from capsfast.export import load_model, read_config, save_model
+from capsfast.export import CARD, load_model, read_config, save_model
 from capsfast.model import CapsNet, ModelConfig, correct
+from capsfast.model_card import write_card
 from capsfast.provenance import git_commit, versions
 
 EXIT_STOPPED = 3  # stopped on request (SIGTERM, Ctrl-C) after saving: resume with --resume auto
@@ -274,6 +275,7 @@ def export_if_best(model, val, state: TrainState, out: Path, accelerator, meta: 
     if accelerator.is_main_process:
         try:
             save_model(model, exported, meta={**meta, "step": state.step, "val_accuracy": val})
+            (exported / CARD).unlink(missing_ok=True)  # the card described the weights replaced
         except OSError as e:
             raise TrainingError(
                 f"cannot export the model to {exported} ({describe_os_error(e)}); the checkpoints "
@@ -755,6 +757,7 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
     }
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_card(out / "model", summary, name=out.name)  # Hub-ready: from this very summary
     if use_wandb:
         acc.log({"test/accuracy": test_acc, **{f"test/{k}": v for k, v in extra.items()}},
                 step=state.step)  # fmt: skip

@@ -328,6 +328,7 @@ WRITE_SITES = {  # site: (path fragment, nth write there that fails)
     "export config": ("model/config.json", 1),
     "metrics": ("metrics.jsonl", 6),
     "summary": ("summary.json", 1),
+    "model card": ("model/README.md", 1),
     "curves": ("curves.png", 1),
     "figures": ("figures/", 1),
 }
