@@ -53,10 +53,37 @@ def test_record_writes_one_well_formed_log_per_seed(recorded):
         assert epochs and all("val_accuracy" in m and "step" in m for m in epochs)
         assert epochs[-1]["step"] == 3 and r["metrics"][-1]["step"] == 3
         # The log is the run's summary.json plus metrics, not a second measurement.
-        (run_dir,) = runs.glob(f"fast-seed{r['seed']}-*")
+        run_dir = runs / f"fast-seed{r['seed']}"  # one directory per preset and seed
         summary = json.loads((run_dir / "summary.json").read_text())
         assert {k: r[k] for k in summary} == summary
         assert 0 < r["wall_seconds"] <= r["process_seconds"]
+        assert [a["exit_code"] for a in r["attempts"]] == [0]
+        assert r["machine"]["cpu_count"] >= 1 and "cpu_flags" in r["machine"]
+
+
+def test_record_refuses_an_earlier_run_and_goes_on_with_it_on_resume(recorded, tmp_path):
+    """A record's directory is its preset and seed: a second start is refused (nothing of the
+    first is touched); --resume goes on with it (the trainer's --resume auto) and the log adds
+    up the time of every attempt."""
+    _, _, out, runs = recorded
+    cmd = [sys.executable, "bench/record.py", "--preset", "fast", "--seeds", "1",
+           "--out", str(tmp_path), "--runs-dir", str(runs), *TINY, "--report-to", "none",
+           "--cpu-threads", "2"]  # fmt: skip
+    env = {**os.environ, "CAPSFAST_COMMIT": "abc1234", "WANDB_MODE": "disabled"}
+    before = (runs / "fast-seed0" / "summary.json").read_text()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr
+    assert "holds an earlier record run: pass --resume to go on with it" in proc.stderr
+    assert (runs / "fast-seed0" / "summary.json").read_text() == before
+    proc = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (log,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert "--resume" in log["command"] and len(log["attempts"]) == 2
+    assert log["process_seconds"] == pytest.approx(
+        sum(a["process_seconds"] for a in log["attempts"])
+    )
+    assert log["steps"] == 3  # the finished run was resumed, not trained again
 
 
 def test_record_prints_the_spread_over_seeds(recorded):
