@@ -29,14 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @torch.no_grad()
-def test_accuracy(model, batch: int = 500) -> tuple[float, int]:
-    """Accuracy of `model` (fp32, on the CPU) on all 10,000 MNIST test images."""
+def test_accuracy(model, n: int | None = None, batch: int = 500) -> tuple[float, int]:
+    """Accuracy of `model` (fp32, on the CPU) on the first `n` (default: all 10,000) MNIST
+    test images."""
     data = load_mnist()
+    images, labels = data.test_images[:n], data.test_labels[:n]
     right = 0
-    for start in range(0, len(data.test_images), batch):
-        x = to_float(data.test_images[start : start + batch])
-        right += int(correct(model(x).scores, data.test_labels[start : start + batch]).sum())
-    return right / len(data.test_images), len(data.test_images)
+    for start in range(0, len(images), batch):
+        x = to_float(images[start : start + batch])
+        right += int(correct(model(x).scores, labels[start : start + batch]).sum())
+    return right / len(images), len(images)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-drop", type=float, default=0.0002, help="largest accuracy drop allowed (fraction)"
     )
+    parser.add_argument("--test-size", type=int, default=None, help="(a dry run) first N only")
     args = parser.parse_args(argv)
     log = json.loads(Path(args.log).read_text())
     source = ROOT / log["config"]["output_dir"] / "model"
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     save_model(model, target, meta={**meta, "record_test_accuracy": log["test_accuracy"]},
                dtype=torch.float16)  # fmt: skip
     shipped = load_model(target)
-    accuracy, n = test_accuracy(shipped)
+    accuracy, n = test_accuracy(shipped, args.test_size)
     drop = log["test_accuracy"] - accuracy
     print(f"ship: {target}: float16 weights, {accuracy:.4%} on {n:,} test images "
           f"(record {log['test_accuracy']:.4%}, drop {drop * 100:+.3f} points)")  # fmt: skip
