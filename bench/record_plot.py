@@ -49,6 +49,7 @@ def plot(log: dict, out: Path) -> Path:
     ax.axhline(99.35, color="grey", lw=0.8, ls=":")
     ax.text(1, 99.36, "99.35%", color="grey", fontsize=8)
     ax.set_xscale("log")
+    ax.set_xlim(0.8, 60)
     ax.set_xticks([1, 2, 5, 10, 20, 50], labels=["1", "2", "5", "10", "20", "50"])
     ax.set_ylim(98.5, 99.8)
     ax.set_xlabel("epoch")
