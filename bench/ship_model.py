@@ -49,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         "--max-drop", type=float, default=0.0002, help="largest accuracy drop allowed (fraction)"
     )
     parser.add_argument("--test-size", type=int, default=None, help="(a dry run) first N only")
+    parser.add_argument("--out", default=None, help="where to write (default: the package's)")
     args = parser.parse_args(argv)
     log = json.loads(Path(args.log).read_text())
-    source = ROOT / log["config"]["output_dir"] / "model"
+    source = ROOT / log["config"]["output_dir"] / "model"  # relative to the checkout, or absolute
     if not (source / "model.safetensors").is_file():
         raise UserError(f"{source}: the record run's exported model is not here")
     model = load_model(source)
     meta = read_config(source)["meta"]
-    target = SHIPPED_DIR / args.name
+    target = Path(args.out) if args.out else SHIPPED_DIR / args.name
     save_model(model, target, meta={**meta, "record_test_accuracy": log["test_accuracy"]},
                dtype=torch.float16)  # fmt: skip
     shipped = load_model(target)

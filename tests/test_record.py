@@ -194,3 +194,69 @@ def test_cpu_breakdown_times_every_row_against_the_matmul_rate(tmp_path):
     for r in report["rows"]:
         assert r["median_s"] > 0 and r["gflop"] > 0 and 0 < r["matmul_fraction"] < 10, r
     assert report["batch"] == 2 and report["commit"] and len(report["load_average"]) == 3
+
+
+def _fake_record(tmp_path, test_accuracy: float) -> Path:
+    """A record log as bench/record.py writes it, around an exported (untrained) model."""
+    import torch
+
+    from capsfast.export import save_model
+    from capsfast.model import CapsNet
+
+    torch.manual_seed(0)
+    save_model(CapsNet(), tmp_path / "run" / "model", meta={"dataset": "mnist"})
+    log = {"test_accuracy": test_accuracy, "test_size": 10000, "preset": "cpu-record", "seed": 0,
+           "device": "cpu", "cpu_threads": 2, "mixed_precision": "bf16",
+           "precision": "bf16 autocast", "steps": 40, "epochs": 0.1, "parameters": 8215728,
+           "best_val_accuracy": 0.1, "commit": "abc1234", "torch": "2.x",
+           "config": {"output_dir": str(tmp_path / "run"), "batch_size": 128, "epochs": 10},
+           "metrics": [{"kind": "epoch", "epoch": e, "step": 429 * e,
+                        "test_accuracy": 0.98 + e / 1000} for e in (1, 2, 3)],
+           "command": ["python", "bench/record.py", "--preset", "cpu-record"],
+           "machine": {"cpu_model": "a CPU", "cpu_count": 2}, "process_seconds": 600.0}  # fmt: skip
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(log))
+    return path
+
+
+def test_ship_model_stores_float16_measures_it_and_writes_the_card(tmp_path):
+    """bench/ship_model.py: float16 weights, re-measured, refused when they fall below the
+    record's own figure by more than --max-drop, a card from the log."""
+    from safetensors import safe_open
+
+    log = _fake_record(tmp_path, test_accuracy=0.0)  # an untrained model cannot fall below 0
+    out = tmp_path / "shipped"
+    cmd = [sys.executable, "bench/ship_model.py", str(log), "--name", "mnist", "--out", str(out),
+           "--test-size", "200"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    meta = json.loads((out / "config.json").read_text())["meta"]
+    card = (out / "README.md").read_text()
+    assert 0 <= meta["test_accuracy"] <= 1 and meta["record_test_accuracy"] == 0.0
+    assert "on 200 test images" in card and "--preset cpu-record" in card
+    log.write_text(log.read_text().replace('"test_accuracy": 0.0', '"test_accuracy": 1.0', 1))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not shipped as is" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_record_plot_draws_our_epochs_beside_the_public_curves(tmp_path):
+    from bench.record_plot import epoch_curve
+    from bench.record_plot import main as plot_main
+
+    log = _fake_record(tmp_path, test_accuracy=0.99)
+    assert epoch_curve(json.loads(log.read_text())) == [(1, 98.1), (2, 98.2), (3, 98.3)]
+    png = tmp_path / "curve.png"
+    assert plot_main([str(log), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bare = json.loads(log.read_text())
+    bare["metrics"] = [{"kind": "epoch", "epoch": 1, "step": 429, "val_accuracy": 0.9}]
+    log.write_text(json.dumps(bare))
+    from capsfast.errors import UserError
+
+    with pytest.raises(
+        UserError, match="no per-epoch test accuracy: train with --test-every-epoch"
+    ):
+        plot_main([str(log), "--out", str(png)])
