@@ -114,7 +114,7 @@ GPU_PLAN = Plan(
     profile_flags=("--batch", "512", "--dtype", "bf16", "--routing", "triton"),
 )
 # CPU: the first CPU batch of each benchmark (bench/common.py's tiny sizes); fp32 and forward
-# passes only where bf16 or a backward pass would add a minute (bf16 is emulated on this CPU).
+# passes only where bf16 or a backward pass would add a minute (bf16 is emulated on many CPUs).
 # The Triton rows of bench/test_routing.py are left out: that file times the full I=1152
 # whenever timing is on, and under the interpreter that costs minutes a row (CI runs them
 # untimed, at tiny size). The kernel tests and the profile run the interpreter.
@@ -142,7 +142,7 @@ DRY_RUN_PLAN = Plan(
     ),
     paper_flags=(),
     max_fast_seeds=2,
-    profile_flags=("--batch", "2", "--dtype", "fp32", "--routing", "triton"),  # bf16: emulated
+    profile_flags=("--batch", "2", "--dtype", "fp32", "--routing", "triton"),  # bf16: emulated on many CPUs
 )
 
 
