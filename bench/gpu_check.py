@@ -142,7 +142,7 @@ DRY_RUN_PLAN = Plan(
     ),
     paper_flags=(),
     max_fast_seeds=2,
-    profile_flags=("--batch", "2", "--dtype", "fp32", "--routing", "triton"),  # bf16: emulated on many CPUs
+    profile_flags=("--batch", "2", "--dtype", "fp32", "--routing", "triton"),  # bf16: slow
 )
 
 
