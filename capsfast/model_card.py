@@ -61,6 +61,7 @@ def _use_it(architecture: str, name: str) -> list[str]:
         "```python",
         "import capsfast",
         f"from {module} import {cls}",
+        "",  # a blank line after the imports: the card's code is ruff-formatted as written
         f'model = {cls}.from_pretrained("USER/{name}")  # its Hub id, or the folder of this card',
         f'model = capsfast.load_model("{name}")  # or the directory that holds this card',
         "```",
