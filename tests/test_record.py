@@ -120,7 +120,10 @@ def test_report_renders_the_records_table(recorded, tmp_path):
     assert len(lines) == 3, "header, rule, one row: both seeds share preset, device, precision"
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     acc = spread([r["test_accuracy"] for r in records])
-    assert cells[:6] == ["fast", records[0]["device"], "no", "torch", "1", "2"]
+    from capsfast.runtime import cpu_has_native_bf16
+
+    precision = "bf16" if cpu_has_native_bf16() else "no"  # the CPU's default (no flag given)
+    assert cells[:6] == ["fast", records[0]["device"], precision, "torch", "1", "2"]
     assert cells[6].startswith(f"{100 * acc['mean']:.2f}% ± {100 * acc['std']:.2f}")
     assert cells[-1] == "abc1234"
 
