@@ -139,6 +139,7 @@ DRY_RUN_PLAN = Plan(
     trainer_flags=(
         *("--report-to", "none", "--max-steps", "3", "--batch-size", "8"),
         *("--val-size", "16", "--test-size", "16", "--cpu-threads", "2"),
+        "--no-compile",  # the CPU default compiles: 15 s a run, for a dry run's 3 steps
     ),
     paper_flags=(),
     max_fast_seeds=2,

@@ -4,10 +4,11 @@
         --batch 128 --steps 4 --warmup 1" [--peer NAME=COMMAND ...] [--rounds 2]
 
 Each round runs, one after the other on a quiet machine: the trainer as a user starts it
-(`accelerate launch launch/train.py`, batch 128, each of --precisions), then every peer command
+(`accelerate launch launch/train.py`, batch 128, each of --rows), then every peer command
 (a peer's own code, kept outside this repository, printing one JSON line with
 `images_per_second`). The trainer's figure is its own steady-state images/s (summary.json:
-after the first steps, without evaluation). Rounds interleave, so that a drift of the machine
+after the first steps, without evaluation and compilation); its wall time, compilation
+included, is logged beside it. Rounds interleave, so that a drift of the machine
 touches every row alike; the table takes each row's median. The log goes to --out as JSON.
 """
 
@@ -32,12 +33,16 @@ from capsfast.provenance import git_commit, versions  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def trainer_command(precision: str, batch: int, steps: int, threads: int, out: Path) -> list:
+def trainer_command(row: str, batch: int, steps: int, threads: int, out: Path) -> list:
+    """A row is a precision (default: the CPU's choice; no; bf16), `:eager` for --no-compile."""
+    precision, _, mode = row.partition(":")
     flags = ["--batch-size", batch, "--max-steps", steps, "--log-every", 5, "--val-size", 0,
              "--test-size", 100, "--checkpoint-every", 0, "--report-to", "none",
              "--output-dir", out]  # fmt: skip
     if precision != "default":
         flags += ["--mixed-precision", precision]
+    if mode == "eager":
+        flags += ["--no-compile"]
     return ["accelerate", "launch", "-q", "--num_processes", "1", "--num_machines", "1",
             "--dynamo_backend", "no", "--num_cpu_threads_per_process", threads,
             "launch/train.py", *flags]  # fmt: skip
@@ -51,8 +56,11 @@ def run_trainer(precision, batch, steps, threads) -> dict:
             raise UserError(f"the trainer failed: {proc.stderr.strip().splitlines()[-1:]}")
         summary = json.loads((Path(tmp) / "summary.json").read_text())
     return {"images_per_second": summary["images_per_second"],
+            "wall_seconds": summary["wall_seconds"],
             "mixed_precision": summary["mixed_precision"],
-            "precision_reason": summary["precision_reason"], "command": " ".join(cmd)}  # fmt: skip
+            "precision_reason": summary["precision_reason"],
+            "compile": summary["compile"], "compile_reason": summary["compile_reason"],
+            "command": " ".join(cmd)}  # fmt: skip
 
 
 def run_peer(command: str, threads: int) -> dict:
@@ -67,8 +75,9 @@ def run_peer(command: str, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND")
-    parser.add_argument("--precisions", default="default,no",
-                        help="trainer rows: default (the CPU's choice), no, bf16")  # fmt: skip
+    parser.add_argument("--rows", default="default,default:eager,no:eager",
+                        help="trainer rows: a precision (default: the CPU's choice; no; bf16), "
+                             "`:eager` added for --no-compile")  # fmt: skip
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=25, help="trainer steps per run")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -80,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--peer takes NAME=COMMAND")
     rows: dict[str, list[dict]] = {}
     for r in range(args.rounds):
-        for precision in args.precisions.split(","):
-            name = f"capsfast ({precision})"
-            rows.setdefault(name, []).append(
-                run_trainer(precision, args.batch, args.steps, args.threads)
-            )
+        for row in args.rows.split(","):
+            name = f"capsfast ({row})"
+            rows.setdefault(name, []).append(run_trainer(row, args.batch, args.steps, args.threads))
             print(f"round {r + 1}: {name}: {rows[name][-1]['images_per_second']:.1f} img/s",
                   flush=True)  # fmt: skip
         for name, command in peers.items():

@@ -142,7 +142,9 @@ class TrainConfig:
         "the precision on CUDA when neither --mixed-precision nor the launcher sets one",
         choices=["no", "bf16", "fp16"],
     )
-    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    compile: bool | None = _f(
+        None, "torch.compile the model (default: on; on a CPU only with a C++ compiler)"
+    )
     compile_mode: str | None = _f(None, "torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     cpu_threads: int | None = _f(
         None, "torch threads per process on CPU (default: cores / local processes)"

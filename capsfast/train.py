@@ -428,7 +428,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     from capsfast import tracking
 
     cfg.validate()
-    acc, mixed_precision, precision_reason, compiled = runtime.make_accelerator(cfg)
+    acc, mixed_precision, precision_reason, compiled, compile_reason = runtime.make_accelerator(cfg)
     device, world = acc.device, acc.num_processes
     out = make_output_dir(cfg.output_dir, acc)
     set_seed(cfg.seed)
@@ -480,7 +480,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     parameters = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     config_record = {**cfg.to_dict(), "model": model_cfg.to_dict(), "resolved": {
         "mixed_precision": mixed_precision, "precision_reason": precision_reason,
-        "compile": compiled, "routing": raw_model.routing,
+        "compile": compiled, "compile_reason": compile_reason, "routing": raw_model.routing,
         "world_size": world, "lr_scaled": cfg.scaled_lr(), "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps, "train_size": len(train_x), "parameters": parameters,
         "dataset": data.name, "class_names": list(data.class_names), "val_size": val_size,
@@ -503,7 +503,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
         + f"capsfast: {data_line(data, cfg, len(train_x), len(val_x), len(test_x), flip, placement)}\n"
         f"capsfast: {world} process{'es' if world > 1 else ''} on {runtime.describe_device(acc)}, "
         f"{runtime.PRECISION_NAMES[mixed_precision]} ({precision_reason}), compile "
-        f"{'on' if compiled else 'off'}\n"
+        f"{'on' if compiled else 'off'} ({compile_reason})\n"
         f"capsfast: {total_steps:,} steps ({total_steps / steps_per_epoch:.3g} epochs of "
         f"{steps_per_epoch:,} at global batch {cfg.batch_size}), lr {cfg.scaled_lr():.3g} "
         f"({cfg.schedule}); output in {out}"
@@ -620,6 +620,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                     "mixed_precision": mixed_precision,
                     "precision": runtime.PRECISION_NAMES[mixed_precision],
                     "precision_reason": precision_reason,
+                    "compile": compiled, "compile_reason": compile_reason,
                     "routing": raw_model.routing, "parameters": parameters,
                     "task": cfg.task, "model": cfg.model,
                     "stopped_early": early_stop.get("reason"),

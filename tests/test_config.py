@@ -1,12 +1,13 @@
 """Presets, flags, the learning-rate rule and schedule, and their one-line errors."""
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 from capsfast.config import PRESETS, TrainConfig, build_parser, parse_args, resolve
-from capsfast.runtime import resolve_compile, resolve_mixed_precision
+from capsfast.runtime import cpp_compiler, resolve_compile, resolve_mixed_precision
 
 
 def test_paper_preset_is_the_spec():
@@ -186,15 +187,32 @@ def test_fp16_on_a_cpu_is_refused_in_one_line(monkeypatch, tmp_path, how):
 
 
 def test_compile_resolution(monkeypatch):
+    """On by default, on CUDA and on a CPU with a C++ compiler; the flag wins, then the
+    launcher's backend (its `no` means "not set": `accelerate launch` always exports it)."""
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
     cfg = parse_args([])
-    assert resolve_compile(cfg, on_cuda=True) is True
-    assert resolve_compile(cfg, on_cuda=False) is False
+    assert resolve_compile(cfg, on_cuda=True) == (True, "on CUDA")
+    assert resolve_compile(cfg, on_cuda=False) == (True, f"CPU code built with {cpp_compiler()}")
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
-    assert resolve_compile(cfg, on_cuda=False) is False
+    assert resolve_compile(cfg, on_cuda=False)[0] is True
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
-    assert resolve_compile(cfg, on_cuda=False) is True
-    assert resolve_compile(parse_args(["--no-compile"]), on_cuda=True) is False
+    assert resolve_compile(cfg, on_cuda=False) == (True, "the launcher's --dynamo_backend")
+    assert resolve_compile(parse_args(["--no-compile"]), on_cuda=True) == (False, "--no-compile")
+    assert resolve_compile(parse_args(["--compile"]), on_cuda=False) == (True, "--compile")
+
+
+def test_a_cpu_without_a_cpp_compiler_runs_eager(monkeypatch, tmp_path):
+    """inductor builds its CPU code with a C++ compiler: without one, the default is eager, and
+    the reason says what to install. A PATH that holds no compiler is a real such machine."""
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert cpp_compiler() is None
+    compiled, reason = resolve_compile(parse_args([]), on_cuda=False)
+    assert compiled is False and "install g++" in reason
+    monkeypatch.setenv("CXX", sys.executable)  # any program on PATH or by path counts as named
+    assert cpp_compiler() == sys.executable
 
 
 def test_a_preset_key_that_is_not_a_setting_is_an_error():

@@ -134,7 +134,7 @@ def write_folder(root: Path, classes: dict[str, int], side=24, modes=("RGB",), s
 def small_run(tmp_path, **kw):
     base = dict(batch_size=16, max_steps=12, lr=4e-3, val_size=16, report_to="none",
                 checkpoint_every=0, log_every=4, eval_batch_size=64, cpu_threads=2,
-                output_dir=str(tmp_path / "run"), mixed_precision="no")  # fmt: skip
+                output_dir=str(tmp_path / "run"), mixed_precision="no", compile=False)  # fmt: skip
     return resolve({**base, **kw})
 
 

@@ -34,7 +34,8 @@ FLAGS = [
     "--checkpoint-every",
     str(STEPS),
     "--mixed-precision",
-    "no",  # fp32: the tests of behaviour pin it (the CPU default is bf16 where the CPU has it)
+    "no",  # fp32 and eager: tests of behaviour pin both (the CPU default is compiled bf16 where it can)
+    "--no-compile",
 ]
 
 
@@ -116,6 +117,7 @@ def test_triton_routing_under_ddp_matches_the_reference(tmp_path, routing):
         "2",
         "--mixed-precision",
         "no",
+        "--no-compile",
     ]
     runs = {}
     for impl in ("torch", routing):

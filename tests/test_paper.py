@@ -33,7 +33,7 @@ def digits() -> MNIST:
 def cfg(tmp_path, **kw):
     base = dict(batch_size=8, val_size=16, max_steps=8, report_to="none", checkpoint_every=0,
                 log_every=2, output_dir=str(tmp_path), eval_batch_size=50, cpu_threads=2,
-                test_size=24, mixed_precision="no")  # fmt: skip
+                test_size=24, mixed_precision="no", compile=False)  # fmt: skip
     return resolve({**base, **kw})
 
 

@@ -47,7 +47,8 @@ def small_cfg(tmp_path, **kw):
         output_dir=str(tmp_path),
         eval_batch_size=64,
         cpu_threads=2,
-        mixed_precision="no",  # fp32: the tests of behaviour pin it (the CPU default is bf16 where the CPU has it)
+        mixed_precision="no",  # fp32 and eager: tests of behaviour pin both (the CPU default is compiled bf16 where it can)
+        compile=False,
     )
     return resolve({**base, **kw})
 
@@ -203,6 +204,7 @@ def _launch(args, tmp_path, env_extra=None, timeout=600):
         "16",
         "--mixed-precision",
         "no",
+        "--no-compile",
         "--output-dir",
         str(tmp_path),
         *args,
@@ -324,8 +326,9 @@ def test_compiled_model_exports_plain_capsnet_keys(tmp_path):
     # The trainer's own Accelerator, after earlier in-process runs without compilation: it must
     # still compile (make_accelerator forgets the process-wide state they left).
     cfg = small_cfg(tmp_path, compile=True)
-    acc, _, _, compiled = make_accelerator(cfg)
+    acc, _, _, compiled, reason = make_accelerator(cfg)
     assert compiled and acc.state.dynamo_plugin.backend.value.lower() == "inductor"
+    assert reason == "--compile"
     prepared, raw, _, _ = prepare_model(ModelConfig(), cfg, acc)
     assert type(prepared).__name__ == "OptimizedModule"
     save_model(raw, tmp_path / "export")
