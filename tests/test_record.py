@@ -23,7 +23,7 @@ SUMMARY_KEYS = {
     "preset", "seed", "config", "commit", "torch", "triton", "peak_memory_gb", "skipped_steps",
 }  # fmt: skip
 TINY = ["--max-steps", "3", "--batch-size", "8", "--val-size", "16", "--test-size", "16"]
-TINY += ["--mixed-precision", "no", "--no-compile"]  # the CPU default compiles: 15 s a run
+TINY += ["--no-compile"]  # the CPU default compiles: 15 s a run
 
 
 @pytest.fixture(scope="module")
