@@ -78,7 +78,8 @@ CODE_SPAN = re.compile(r"`[^`\n]*`")
 
 
 def markdown_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    return [ROOT / "README.md", ROOT / "bench" / "results" / "README.md", *docs]
 
 
 def relative_links(text: str) -> list[str]:
@@ -118,3 +119,28 @@ def test_link_extraction_finds_links_and_skips_code():
         "`[not](a-link.md)` and\n```\n[nor](this.md)\n```\n[top](#results)\n"
     )
     assert sorted(relative_links(text)) == ["../bench/x.png", "routing.md", "spec.md#4-routing"]
+
+
+def layout_block() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return re.search(r"## Project layout\n+```\n(.*?)```", readme, re.S).group(1)
+
+
+def test_the_readme_layout_matches_the_tree():
+    """Every module of capsfast/ and kernels/, every launcher and every bench script is named in
+    README's layout, and every file the layout names exists."""
+    block = layout_block()
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", block))
+    wanted = {p for d in ("capsfast", "kernels") for p in (ROOT / d).glob("*.py")}
+    wanted |= {p for d in ("launch", "bench") for p in (ROOT / d).glob("*.py")}
+    skip = {"__init__.py", "conftest.py"}  # package and test plumbing
+    skip |= {"common.py"} if "common.py" in named else set()  # kernels/ and bench/ share the name
+    missing = sorted(
+        str(p.relative_to(ROOT))
+        for p in wanted
+        if p.name not in skip and not p.name.startswith(("_", "test_")) and p.name not in named
+    )
+    assert not missing, f"modules the README's layout does not name: {missing}"
+    dirs = ("capsfast", "kernels", "launch", "bench")
+    gone = sorted(n for n in named if not any((ROOT / d / n).exists() for d in dirs))
+    assert not gone, f"the README's layout names files that do not exist: {gone}"
