@@ -36,6 +36,8 @@ FLAGS = [
     "--mixed-precision",
     "no",  # fp32 and eager: tests of behaviour pin both (the CPU default is compiled bf16 where it can)
     "--no-compile",
+    "--primary-types",  # a small CapsNet (72 primary capsules): ranks agree at any size
+    "2",
 ]
 
 
@@ -118,6 +120,8 @@ def test_triton_routing_under_ddp_matches_the_reference(tmp_path, routing):
         "--mixed-precision",
         "no",
         "--no-compile",
+        "--primary-types",  # a small CapsNet: the interpreter runs the kernels on 72 capsules
+        "2",
     ]
     runs = {}
     for impl in ("torch", routing):

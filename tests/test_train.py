@@ -49,6 +49,9 @@ def small_cfg(tmp_path, **kw):
         cpu_threads=2,
         mixed_precision="no",  # fp32 and eager: tests of behaviour pin both (the CPU default is compiled bf16 where it can)
         compile=False,
+        # A small CapsNet (2 primary capsule types: 72 primary capsules, not 1,152): the
+        # behaviour these tests assert does not depend on the model's size.
+        primary_types=2,
     )
     return resolve({**base, **kw})
 

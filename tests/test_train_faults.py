@@ -166,9 +166,33 @@ def test_a_new_learning_rate_on_resume_takes_effect(reference, tmp_path, data, c
 
 
 # --------------------------------------------------------------------------- processes and signals
-FLAGS = ["--batch-size", "16", "--max-steps", "12", "--val-size", "64", "--test-size", "32",
-         "--report-to", "none", "--checkpoint-every", "4", "--log-every", "2",
-         "--keep-checkpoints", "5", "--cpu-threads", "2", "--mixed-precision", "no", "--no-compile"]  # fmt: skip
+FLAGS = [
+    "--batch-size",
+    "16",
+    "--max-steps",
+    "12",
+    "--val-size",
+    "64",
+    "--test-size",
+    "32",
+    "--report-to",
+    "none",
+    "--checkpoint-every",
+    "4",
+    "--log-every",
+    "2",
+    "--keep-checkpoints",
+    "5",
+    "--cpu-threads",
+    "2",
+    "--mixed-precision",
+    "no",
+    "--no-compile",
+    "--primary-types",
+    "2",
+    "--crop",
+    "20",
+]  # fmt: skip  (the tiny model of small_cfg)
 
 
 def launch(out, *extra, env=None) -> subprocess.Popen:
