@@ -29,11 +29,10 @@ import torch.nn.functional as F
 
 from capsfast.errors import UserError, describe_os_error
 from capsfast.export import load_model, output_dir, shipped_models
-from capsfast.memory import check_fused_shape
-from capsfast.routing import resolve_impl
+from capsfast.routing_choice import CHOICES as ROUTINGS  # the --routing choices
+from capsfast.routing_choice import choose_routing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-ROUTINGS = ("auto", "torch", "triton", "fused")  # the --routing choices
 BOX = 20  # MNIST: the digit's bounding box is scaled to fit 20x20
 FIELD = 28
 INK_THRESHOLD = 0.05  # fraction of the ink range that counts as ink for the bounding box
@@ -83,39 +82,21 @@ def choose_device(device: str | None = None) -> torch.device:
     return chosen
 
 
-def choose_routing(requested: str, device: torch.device) -> str:
-    """The routing implementation to run on `device`: triton and fused kernels only where
-    `triton_available` says they run; `auto` falls back to the reference with a note, an
-    explicit choice that cannot run is refused (UserError) before any image is read."""
-    if requested not in ROUTINGS:
-        raise UserError(f"--routing {requested!r}: choose one of {', '.join(ROUTINGS)}")
-    impl = resolve_impl(requested, device)
-    if impl == "torch":
-        return impl
-    try:
-        from capsfast.kernels.routing import triton_available
-
-        ok, reason = triton_available(device)
-    except ImportError as e:  # triton missing or broken at import
-        ok, reason = False, f"triton cannot be imported ({e})"
-    if ok:
-        return impl
-    if requested == "auto":
-        print(f"capsfast: triton routing unavailable ({reason}); using torch", file=sys.stderr)
-        return "torch"
-    raise UserError(
-        f"--routing {requested} cannot run on {device}: {reason}; use --routing torch or auto"
-    )
-
-
 def load_for_inference(model_dir: str | Path, device: str = "auto", routing: str = "auto"):
     """The exported model in `model_dir` on `device` (eval mode), checked before any image is
     read: the device exists, the routing runs there. Any data set's model: its config says how
     a picture becomes its input (prepare_input)."""
+    from capsfast.model import CapsNet
+
     chosen = choose_device(device)
-    impl = choose_routing(routing, chosen)
-    model = load_model(model_dir, device=chosen, routing=impl)
-    check_fused_shape(model.config, impl)  # a 47-class model: not the fused kernel's ValueError
+    if routing not in ROUTINGS:  # before reading the model: a typo costs nothing
+        raise UserError(f"--routing {routing!r}: choose one of {', '.join(ROUTINGS)}")
+    model = load_model(model_dir, device=chosen, routing="torch")
+    config = model.config if isinstance(model, CapsNet) else None
+    impl, _, note = choose_routing(routing, config, chosen)
+    if note:
+        print(f"capsfast: {note}", file=sys.stderr)
+    model.set_routing(impl)
     return model
 
 

@@ -1,5 +1,5 @@
 """The memory of a training step, analytically, per routing implementation: what decides whether a
-model fits on a device at a batch size. `--routing auto` uses it (`auto_routing`), and
+model fits on a device at a batch size. `--routing auto` uses it (capsfast.routing_choice), and
 bench/test_memory.py sets it beside measured peaks.
 
 One fp32 training step (forward, margin + reconstruction loss, backward, Adam) at batch B needs
@@ -113,36 +113,3 @@ def fused_supports(cfg: ModelConfig) -> bool:
         and cfg.digit_dim <= FUSED_MAX_JD
         and cfg.primary_dim <= FUSED_MAX_DIN
     )
-
-
-def check_fused_shape(cfg: ModelConfig, requested: str) -> None:
-    """`--routing fused` on a model the fused kernel does not take (more than 32 routed capsules:
-    EMNIST byclass, bymerge, balanced; a folder of many classes) is a UserError before training,
-    not a ValueError from the kernel at the first step."""
-    if requested == "fused" and not fused_supports(cfg):
-        from capsfast.errors import UserError
-
-        raise UserError(
-            f"--routing fused takes at most {FUSED_MAX_JD} routed capsules (classes, plus "
-            f"none-of-the-above); this model routes to {cfg.routed_capsules}: use --routing auto, "
-            "triton or torch"
-        )
-
-
-def auto_routing(cfg: ModelConfig, batch: int, device_type: str, free_bytes: int | None) -> str:
-    """What `--routing auto` runs, given the model the data configures and the batch per process.
-
-    On a CPU: the torch reference (Triton runs there only under its interpreter). On CUDA: the
-    Triton routing kernel, unless a step with it (which stores u_hat) would need more than
-    AUTO_HEADROOM of the free device memory while the fused DigitCaps (which never stores u_hat)
-    takes the shape: then fused. Returns "auto" when the size decides nothing, so that the usual
-    resolution (capsfast.routing.resolve_impl, and runtime.choose_routing's probe and fallback)
-    applies unchanged.
-    """
-    if device_type != "cuda" or free_bytes is None:
-        return "auto"
-    if not fused_supports(cfg):
-        return "auto"
-    if step_peak_bytes(cfg, batch, "triton") > AUTO_HEADROOM * free_bytes:
-        return "fused"
-    return "auto"

@@ -1,5 +1,6 @@
-"""Run set-up: the device, precision, compile mode, world size and routing implementation that a
-training run uses, resolved once from the flags, the launcher's environment and the machine.
+"""Run set-up: the device, precision, compile mode and world size that a training run uses,
+resolved once from the flags, the launcher's environment and the machine (the routing
+implementation: capsfast.routing_choice).
 
 Each choice has one rule (the flag wins; then the launcher; then the preset on CUDA; then what
 suits a CPU), and each is stated in words in the run's banner.
@@ -150,37 +151,12 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator, mixed_precision, precision_reason, compile_, compile_reason
 
 
-def choose_routing(requested: str, device: torch.device, accelerator) -> str:
-    """The routing implementation that will run. `auto` takes the Triton kernel on CUDA if it
-    compiles and agrees with the reference there, else the reference with one warning; an
-    explicit choice is used as is and fails loudly, in one line, if it cannot run."""
-    from capsfast.routing import resolve_impl
-
-    impl = resolve_impl(requested, device)
-    if impl == "torch":
-        return impl
-    try:
-        from capsfast.kernels.routing import triton_available
-
-        # An explicit choice is not probed: if the kernel fails, it fails loudly, in full.
-        ok, reason = triton_available(device, probe=requested == "auto")
-    except Exception as e:  # triton missing or broken at import
-        ok, reason = False, f"{type(e).__name__}: {e}"
-    if accelerator.num_processes > 1:  # one rank's failure sends every rank to the reference
-        flag = torch.tensor(0.0 if ok else 1.0, device=device)
-        if accelerator.reduce(flag, reduction="sum").item() > 0 and ok:
-            ok, reason = False, "the kernel failed on another rank"
-    if ok:
-        return impl
-    if requested != "auto":
-        raise SetupError(
-            f"--routing {requested} cannot run on {device}: {reason}. Use --routing auto or torch"
-        )
-    accelerator.print(
-        f"capsfast: warning: --routing auto cannot use the {impl} kernel on {device} ({reason}); "
-        "using the torch reference. Pass --routing triton to see the full error."
-    )
-    return "torch"
+def all_ranks(accelerator, ok: bool) -> bool:
+    """Whether `ok` holds on every process: one collective, so that all ranks decide alike."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
 
 
 def describe_device(accelerator) -> str:

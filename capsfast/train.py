@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from capsfast import memory, runtime, tasks
+from capsfast import runtime, tasks
 from capsfast.checkpoint import (
     GoodState,
     StopRequest,
@@ -49,6 +49,7 @@ from capsfast.export import CARD, load_model, read_config, save_model
 from capsfast.model import CapsNet, ModelConfig, correct
 from capsfast.model_card import write_card
 from capsfast.provenance import git_commit, versions
+from capsfast.routing_choice import choose_routing
 
 EXIT_STOPPED = 3  # stopped on request (SIGTERM, Ctrl-C) after saving: resume with --resume auto
 END_PHASES = ("checkpoint", "validation", "test", "summary", "figures")  # the end, in order
@@ -347,25 +348,17 @@ def log_reconstructions(accelerator, model, images, step: int, n: int = 16) -> N
 def prepare_model(model_cfg, cfg: TrainConfig, accelerator, local_batch=None):
     """(model as trained: prepared, maybe compiled or DDP-wrapped; the model itself (CapsNet or
     the baseline: tasks.build_model), which is what gets saved and exported; optimiser; EMA or
-    None). `--routing auto` weighs CapsNet's memory at this process's batch
-    (capsfast.memory.auto_routing)."""
+    None). The routing implementation: capsfast.routing_choice, at this process's batch."""
     device = accelerator.device
     model = tasks.build_model(model_cfg).to(device)
-    requested = cfg.routing
     if isinstance(model, CapsNet):
-        memory.check_fused_shape(model_cfg, requested)
-    if requested == "auto" and isinstance(model, CapsNet):
         local_batch = local_batch or cfg.batch_size // accelerator.num_processes
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        requested = memory.auto_routing(model_cfg, local_batch, device.type, free)
-        if requested == "fused":
-            need = memory.step_peak_bytes(model_cfg, local_batch, "triton") / 2**30
-            accelerator.print(
-                f"capsfast: --routing auto: a step that stores u_hat needs about {need:.1f} GiB "
-                f"at batch {local_batch}, more than fits in the {free / 2**30:.1f} GiB free; "
-                "using the fused DigitCaps, which never stores it"
-            )
-    model.set_routing(runtime.choose_routing(requested, device, accelerator))
+        impl, _, note = choose_routing(cfg.routing, model_cfg, device, local_batch, free,
+                                       all_ranks_ok=lambda ok: runtime.all_ranks(accelerator, ok))  # fmt: skip
+        if note:
+            accelerator.print(f"capsfast: {note}")
+        model.set_routing(impl)
     optimizer = build_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     prepared, optimizer = accelerator.prepare(model, optimizer)

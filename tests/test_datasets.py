@@ -397,20 +397,6 @@ def test_smallest_input_is_17_pixels():
     assert out.lengths.shape == (2, 4) and out.reconstructions.shape == (2, 3, 17, 17)
 
 
-def test_routing_auto_weighs_memory():
-    from capsfast.memory import auto_routing, step_peak_bytes
-    from capsfast.model import ModelConfig
-
-    gib = 2**30
-    big = ModelConfig(image_size=96)  # I = 51,200: u_hat is 33 MB per sample
-    small = ModelConfig()
-    assert auto_routing(big, 128, "cuda", 8 * gib) == "fused"
-    assert step_peak_bytes(big, 128, "triton") > 8 * gib > step_peak_bytes(big, 128, "fused")
-    assert auto_routing(small, 128, "cuda", 8 * gib) == "auto"  # fits: the usual choice
-    assert auto_routing(big, 128, "cpu", None) == "auto"  # CPU: the reference, whatever size
-    assert auto_routing(ModelConfig(image_size=96, num_classes=47), 128, "cuda", gib) == "auto"
-
-
 def test_fused_routing_with_too_many_classes_is_a_one_line_error(tmp_path, capsys):
     """EMNIST balanced (47 classes) with --routing fused: the kernel takes J <= 32; a one-line
     error before training (it was the kernel's ValueError, with a traceback, at the first step)."""
