@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -45,3 +46,17 @@ def versions() -> dict:
         "triton": package_version("triton"),
         "accelerate": package_version("accelerate"),
     }
+
+
+def _process_start() -> float:
+    """When this process was created (psutil comes with accelerate), so wall_seconds includes
+    interpreter start-up and imports; the module's import time where that is unavailable."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:
+        return time.time()
+
+
+PROCESS_START = _process_start()

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from capsfast.checkpoint import list_checkpoints
 from capsfast.cli import run as run_entry_point
 from capsfast.config import resolve
 from capsfast.data import MNIST
-from capsfast.train import list_checkpoints, train
+from capsfast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
