@@ -19,6 +19,56 @@ def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Each numeric flag's allowed range: (field, low, high); a bound is (value, closed) or None.
+# A field whose value is None (not set) is not checked.
+RANGES = [
+    ("batch_size", (1, True), None),
+    ("epochs", (1, True), None),
+    ("max_steps", (1, True), None),
+    ("lr", (0, False), None),
+    ("decoder_lr", (0, False), None),
+    ("lr_ref_batch", (1, True), None),
+    ("lr_decay", (0, False), (1, True)),
+    ("lr_decay_every", (1, True), None),
+    ("warmup_frac", (0, True), (1, False)),
+    ("final_lr_frac", (0, True), (1, True)),
+    ("weight_decay", (0, True), None),
+    ("ema_decay", (0, True), (1, False)),
+    ("routing_iters", (1, True), None),
+    ("val_size", (0, True), None),
+    ("test_size", (1, True), None),
+    ("max_shift", (0, True), (8, True)),
+    ("crop", (0, True), None),
+    ("test_fraction", (0, False), (1, False)),
+    ("image_size", (1, True), None),
+    ("primary_types", (1, True), None),
+    ("checkpoint_every", (0, True), None),
+    ("keep_checkpoints", (1, True), None),
+    ("log_every", (1, True), None),
+    ("eval_batch_size", (1, True), None),
+    ("cpu_threads", (1, True), None),
+    ("recon_weight", (0, True), None),
+    ("max_seconds", (0, False), None),
+    ("stop_at_accuracy", (0, False), (1, True)),
+    ("seed", (0, True), (2**32, False)),
+]
+
+
+def _in_range(value, low, high) -> bool:
+    ok_low = low is None or (value >= low[0] if low[1] else value > low[0])
+    ok_high = high is None or (value <= high[0] if high[1] else value < high[0])
+    return ok_low and ok_high
+
+
+def _range_text(low, high) -> str:
+    """`>= 1`, `positive`, `in [0, 1)`; the seed's upper end as 2**32 - 1."""
+    if high is None:
+        return f">= {low[0]}" if low[1] else ("positive" if low[0] == 0 else f"> {low[0]}")
+    if high == (2**32, False):
+        return f"in [{low[0]}, 2**32 - 1]"
+    return f"in {'[' if low[1] else '('}{low[0]}, {high[0]}{']' if high[1] else ')'}"
+
+
 @dataclass
 class TrainConfig:
     preset: str = _f(
@@ -174,96 +224,23 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with a one-line message naming the flag to change."""
-        checks = [
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (
-                self.max_steps is None or self.max_steps >= 1,
-                f"--max-steps must be >= 1, got {self.max_steps}",
-            ),
-            (
-                self.lr > 0 and math.isfinite(self.lr),
-                f"--lr must be a positive number, got {self.lr}",
-            ),
-            (
-                self.decoder_lr is None or self.decoder_lr > 0,
-                f"--decoder-lr must be positive, got {self.decoder_lr}",
-            ),
-            (self.lr_ref_batch >= 1, f"--lr-ref-batch must be >= 1, got {self.lr_ref_batch}"),
-            (0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}"),
-            (self.lr_decay_every >= 1, f"--lr-decay-every must be >= 1, got {self.lr_decay_every}"),
-            (0 <= self.warmup_frac < 1, f"--warmup-frac must be in [0, 1), got {self.warmup_frac}"),
-            (
-                0 <= self.final_lr_frac <= 1,
-                f"--final-lr-frac must be in [0, 1], got {self.final_lr_frac}",
-            ),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
-            (self.routing_iters >= 1, f"--routing-iters must be >= 1, got {self.routing_iters}"),
-            (self.val_size >= 0, f"--val-size must be >= 0, got {self.val_size}"),
-            (
-                self.test_size is None or self.test_size >= 1,
-                f"--test-size must be >= 1, got {self.test_size}",
-            ),
-            (0 <= self.max_shift <= 8, f"--max-shift must be in [0, 8], got {self.max_shift}"),
-            (self.crop >= 0, f"--crop must be >= 0, got {self.crop}"),
-            (
-                0 < self.test_fraction < 1,
-                f"--test-fraction must be in (0, 1), got {self.test_fraction}",
-            ),
-            (
-                self.image_size is None or self.image_size >= 1,
-                f"--image-size must be >= 1, got {self.image_size}",
-            ),
-            (
-                self.image_size is None or self.dataset.startswith("folder:"),
-                f"--image-size resizes folder: data sets only; {self.dataset}'s images keep their "
-                "size (pass --crop N to train on N x N crops)",
-            ),
-            (self.primary_types >= 1, f"--primary-types must be >= 1, got {self.primary_types}"),
-            (
-                self.checkpoint_every >= 0,
-                f"--checkpoint-every must be >= 0, got {self.checkpoint_every}",
-            ),
-            (
-                self.keep_checkpoints >= 1,
-                f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
-            ),
-            (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
-            (
-                self.eval_batch_size >= 1,
-                f"--eval-batch-size must be >= 1, got {self.eval_batch_size}",
-            ),
-            (
-                self.cpu_threads is None or self.cpu_threads >= 1,
-                f"--cpu-threads must be >= 1, got {self.cpu_threads}",
-            ),
-            (self.recon_weight >= 0, f"--recon-weight must be >= 0, got {self.recon_weight}"),
-            (
-                self.max_seconds is None or self.max_seconds > 0,
-                f"--max-seconds must be positive, got {self.max_seconds}",
-            ),
-            (
-                self.stop_at_accuracy is None or 0 < self.stop_at_accuracy <= 1,
-                f"--stop-at-accuracy must be in (0, 1], got {self.stop_at_accuracy}",
-            ),
-            (
-                self.output_dir.strip() != "",
-                "--output-dir must not be empty",
-            ),
-        ]
         # Every float flag must be a finite number: an `inf` weight would train on and fail
         # later as a "non-finite loss" that names the wrong flag.
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{_flag(f.name)} must be a finite number, got {value}")
-        checks.append(
-            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32 - 1], got {self.seed}")
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        for name, low, high in RANGES:
+            value = getattr(self, name)
+            if value is not None and not _in_range(value, low, high):
+                raise ValueError(f"{_flag(name)} must be {_range_text(low, high)}, got {value}")
+        if self.image_size is not None and not self.dataset.startswith("folder:"):
+            raise ValueError(
+                f"--image-size resizes folder: data sets only; {self.dataset}'s images keep "
+                "their size (pass --crop N to train on N x N crops)"
+            )
+        if self.output_dir.strip() == "":
+            raise ValueError("--output-dir must not be empty")
         if self.preset not in PRESETS:
             raise ValueError(
                 f"unknown --preset {self.preset!r}: choose one of {', '.join(PRESETS)}"

@@ -69,7 +69,7 @@ def test_every_field_has_a_flag_with_help():
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--max-steps", "0"], "--max-steps must be >= 1"),
-        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr", "-1"], "--lr must be positive"),
         (["--routing-iters", "0"], "--routing-iters must be >= 1"),
         (["--val-size", "-5"], "--val-size must be >= 0"),
         (["--preset", "turbo"], "invalid choice: 'turbo'"),

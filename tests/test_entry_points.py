@@ -156,7 +156,7 @@ INPUTS: dict[str, Callable[[Inputs], object]] = {
 }
 
 CPU = ("--device", "cpu")
-TRITON_ON_CPU = "--routing torch or auto"
+TRITON_ON_CPU = "Use --routing auto or torch"  # capsfast.routing_choice, for every entry point
 
 
 def _model_rows(entry: str, model_flag: tuple[str, ...], tail: tuple[str, ...]) -> list[Case]:
