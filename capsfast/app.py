@@ -15,6 +15,7 @@ made, so the app runs offline (e.g. on a GPU box reached through `ssh -L PORT:lo
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.util
 import inspect
 import os
@@ -119,98 +120,82 @@ def build_app(model: torch.nn.Module):
         )
         state = gr.State(None)  # {"label": int, "pose": [16 floats]}
         with gr.Row():
-            with gr.Column():
-                with gr.Tab("Draw"):
-                    brush = gr.Brush(default_size=24, colors=["#000000"], color_mode="fixed")
-                    sketch = gr.Sketchpad(
-                        label="draw here",
-                        type="numpy",
-                        image_mode="RGBA",
-                        elem_id="sketchpad",
-                        **_kwargs(
-                            gr.Sketchpad.__init__, brush=brush, canvas_size=(400, 400), layers=False
-                        ),
-                    )
-                with gr.Tab("Upload"):
-                    # The file as uploaded: an image mode would convert it (16-bit clipped).
-                    upload = gr.Image(
-                        label="picture of a digit",
-                        type="filepath",
-                        image_mode=None,
-                        sources=["upload"],
-                        elem_id="upload",
-                        height=320,
-                    )
-            with gr.Column():
-                prediction = gr.Markdown("**Prediction:** draw a digit", elem_id=PRED_ID)
-                bars = gr.Label(
-                    label="capsule lengths |v_j|" if logic.capsules else "softmax probabilities",
-                    num_top_classes=logic.num_classes,
-                    elem_id="bars",
-                )
-                with gr.Row():
-                    seen = gr.Image(
-                        value=blank,
-                        label=f"what the model sees ({size}x{size})",
-                        interactive=False,
-                        **_kwargs(gr.Image.__init__, format="png"),
-                    )
-                    recon = gr.Image(
-                        value=blank,
-                        label="reconstruction",
-                        interactive=False,
-                        elem_id=RECON_ID,
-                        **_kwargs(gr.Image.__init__, format="png"),
-                    )
-            with gr.Column():
-                gr.Markdown("**Capsule dimensions** (added to the predicted capsule)")
-                sliders = [
-                    gr.Slider(
-                        -DELTA_RANGE,
-                        DELTA_RANGE,
-                        value=0.0,
-                        step=0.01,
-                        label=f"dim {d}",
-                        elem_id=f"dim{d}",
-                    )
-                    for d in range(logic.dim)
-                ]
-
-        def on_picture(picture):
-            zeros = [0.0] * logic.dim
-            try:
-                r = logic.analyse(picture)
-            except ImageError as e:
-                return ["**Prediction:** none (" + str(e) + ")", None, blank, blank, None, *zeros]
-            label, lengths = r["label"], r["lengths"]
-            text = f"**Prediction: {r['class_name']}** (capsule length {lengths[label]:.3f})"
-            if r["reconstruction"] is None:
-                text = (f"**Prediction: {r['class_name']}** (probability {lengths[label]:.3f}; "
-                        "the baseline CNN has no decoder: no reconstruction)")  # fmt: skip
-            bars_value = dict(zip(logic.class_names, lengths, strict=True))
-            new_state = {"label": label, "pose": r["pose"]}
-            return [
-                text,
-                bars_value,
-                _upscale(r["input"]),
-                blank if r["reconstruction"] is None else _upscale(r["reconstruction"]),
-                new_state,
-                *zeros,
-            ]
-
-        def on_slider(current, *deltas):
-            if current is None:
-                return blank
-            return _upscale(logic.decode(current["label"], current["pose"], list(deltas)))
-
+            sketch, upload = _input_column(gr)
+            prediction, bars, seen, recon = _output_column(gr, logic, size, blank)
+            sliders = _slider_column(gr, logic.dim)
         outputs = [prediction, bars, seen, recon, state, *sliders]
         for component in (sketch, upload):
-            component.change(
-                on_picture, inputs=component, outputs=outputs, trigger_mode="always_last"
-            )
+            component.change(functools.partial(_on_picture, logic, blank), inputs=component,
+                             outputs=outputs, trigger_mode="always_last")  # fmt: skip
         for s in sliders:
-            s.input(on_slider, inputs=[state, *sliders], outputs=recon, trigger_mode="always_last")
+            s.input(functools.partial(_on_slider, logic, blank), inputs=[state, *sliders],
+                    outputs=recon, trigger_mode="always_last")  # fmt: skip
     return demo
+
+
+def _input_column(gr):
+    """(sketchpad, upload): a digit drawn with the mouse, or a picture file."""
+    with gr.Column():
+        with gr.Tab("Draw"):
+            brush = gr.Brush(default_size=24, colors=["#000000"], color_mode="fixed")
+            sketch = gr.Sketchpad(
+                label="draw here", type="numpy", image_mode="RGBA", elem_id="sketchpad",
+                **_kwargs(gr.Sketchpad.__init__, brush=brush, canvas_size=(400, 400),
+                          layers=False),
+            )  # fmt: skip
+        with gr.Tab("Upload"):
+            # The file as uploaded: an image mode would convert it (16-bit clipped).
+            upload = gr.Image(label="picture of a digit", type="filepath", image_mode=None,
+                              sources=["upload"], elem_id="upload", height=320)  # fmt: skip
+    return sketch, upload
+
+
+def _output_column(gr, logic, size, blank):
+    """(prediction text, capsule-length bars, what the model sees, its reconstruction)."""
+    with gr.Column():
+        prediction = gr.Markdown("**Prediction:** draw a digit", elem_id=PRED_ID)
+        bars = gr.Label(
+            label="capsule lengths |v_j|" if logic.capsules else "softmax probabilities",
+            num_top_classes=logic.num_classes, elem_id="bars",
+        )  # fmt: skip
+        with gr.Row():
+            png = _kwargs(gr.Image.__init__, format="png")
+            seen = gr.Image(value=blank, label=f"what the model sees ({size}x{size})",
+                            interactive=False, **png)  # fmt: skip
+            recon = gr.Image(value=blank, label="reconstruction", interactive=False,
+                             elem_id=RECON_ID, **png)  # fmt: skip
+    return prediction, bars, seen, recon
+
+
+def _slider_column(gr, dim: int) -> list:
+    with gr.Column():
+        gr.Markdown("**Capsule dimensions** (added to the predicted capsule)")
+        return [gr.Slider(-DELTA_RANGE, DELTA_RANGE, value=0.0, step=0.01, label=f"dim {d}",
+                          elem_id=f"dim{d}") for d in range(dim)]  # fmt: skip
+
+
+def _on_picture(logic, blank, picture):
+    """A new drawing or upload: prediction, bars, input, reconstruction, state, sliders reset."""
+    zeros = [0.0] * logic.dim
+    try:
+        r = logic.analyse(picture)
+    except ImageError as e:
+        return ["**Prediction:** none (" + str(e) + ")", None, blank, blank, None, *zeros]
+    label, lengths = r["label"], r["lengths"]
+    text = f"**Prediction: {r['class_name']}** (capsule length {lengths[label]:.3f})"
+    if r["reconstruction"] is None:
+        text = (f"**Prediction: {r['class_name']}** (probability {lengths[label]:.3f}; "
+                "the baseline CNN has no decoder: no reconstruction)")  # fmt: skip
+    bars_value = dict(zip(logic.class_names, lengths, strict=True))
+    reconstruction = blank if r["reconstruction"] is None else _upscale(r["reconstruction"])
+    new_state = {"label": label, "pose": r["pose"]}
+    return [text, bars_value, _upscale(r["input"]), reconstruction, new_state, *zeros]
+
+
+def _on_slider(logic, blank, current, *deltas):
+    if current is None:
+        return blank
+    return _upscale(logic.decode(current["label"], current["pose"], list(deltas)))
 
 
 def check_port(host: str, port: int) -> None:
