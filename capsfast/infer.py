@@ -525,10 +525,8 @@ def reconstruction_dir(value: str, model_dir: str | Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Predict the digit in each image file (or folder of images); exit 1 if any file failed."""
+def build_parser():
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(
         prog="predict",
@@ -560,10 +558,17 @@ def main(argv: list[str] | None = None) -> int:
         "--routing", default="auto", choices=ROUTINGS, help="routing implementation"
     )
     parser.add_argument("--batch-size", type=int, default=256)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Predict the digit in each image file (or folder of images); exit 1 if any file failed."""
+    import json
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-
     recon_dir = None
     if args.save_reconstructions is not None:
         recon_dir = reconstruction_dir(args.save_reconstructions, args.model)
@@ -584,25 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     used_names: set[str] = set()
     failed = 0
     for r in predict_files(model, files, batch_size=args.batch_size):
-        record: dict = {"path": str(r.path)}
-        if r.ok:
-            record["label"] = r.label
-            record["class_name"] = r.class_name
-            record["lengths"] = [round(v, 6) for v in r.lengths]
-            if recon_dir is not None:
-                stem = r.path.stem
-                name, n = stem, 1
-                while name in used_names:
-                    n += 1
-                    name = f"{stem}-{n}"
-                used_names.add(name)
-                recon_path = recon_dir / f"{name}.recon.png"
-                _save_png(r.reconstruction, recon_path)
-                _save_png(r.input, recon_dir / f"{name}.input.png")
-                record["reconstruction"] = str(recon_path)
-        else:
-            failed += 1
-            record["error"] = r.error
+        record = _record(r, recon_dir, used_names)
+        failed += not r.ok
         if args.json:
             print(json.dumps(record), flush=True)
         elif r.ok:
@@ -612,3 +600,24 @@ def main(argv: list[str] | None = None) -> int:
     if failed and not args.json:
         print(f"predict: {failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _record(r, recon_dir: Path | None, used_names: set[str]) -> dict:
+    """One file's result as --json prints it; its reconstruction written under a name no other
+    file of this call took (two folders may hold the same file name)."""
+    record: dict = {"path": str(r.path)}
+    if not r.ok:
+        return {**record, "error": r.error}
+    record.update(label=r.label, class_name=r.class_name,
+                  lengths=[round(v, 6) for v in r.lengths])  # fmt: skip
+    if recon_dir is not None:
+        name, n = r.path.stem, 1
+        while name in used_names:
+            n += 1
+            name = f"{r.path.stem}-{n}"
+        used_names.add(name)
+        recon_path = recon_dir / f"{name}.recon.png"
+        _save_png(r.reconstruction, recon_path)
+        _save_png(r.input, recon_dir / f"{name}.input.png")
+        record["reconstruction"] = str(recon_path)
+    return record
