@@ -243,8 +243,9 @@ def resume(accelerator, spec: str | None, output_dir: Path, identity: dict, on_f
     return None
 
 
-# Tests stop a run at a named phase of its end (validation, export, test, ...) with a real
-# signal: CAPSFAST_TEST_SIGNAL_AT=<phase> sends SIGTERM to this process as the phase starts.
+# The trainer's one test hook (docs/environment.md, with every CAPSFAST_* variable): tests stop
+# a run at a named phase of its end with a real signal; CAPSFAST_TEST_SIGNAL_AT=<phase> sends
+# SIGTERM to this process as the phase starts.
 TEST_SIGNAL_ENV = "CAPSFAST_TEST_SIGNAL_AT"
 
 

@@ -7,9 +7,11 @@ One optimiser step:
 
 The host meets the device only at sync points: every `log_every` steps (losses, learning rate,
 progress, the non-finite check, stop requests), at epoch ends (validation, export) and at
-checkpoints. Run set-up (device, precision, compile, routing, world size) is runtime.py; what a
-checkpoint holds and how a stop is requested, checkpoint.py; the losses, model.py; what
---task and --model change (data, loss, model, test sets), tasks.py.
+checkpoints. A run is a `Run`, built in named steps; its end is run_end.py. Run set-up (device,
+precision, compile, world size) is runtime.py; the routing implementation, routing_choice.py;
+what a checkpoint holds and how a stop is requested, checkpoint.py; the banner and progress,
+progress.py; the losses, model.py; what --task and --model change (data, loss, model, test
+sets), tasks.py.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def relative_links(text: str) -> list[str]:
 
 
 def test_the_documents_exist():
-    for name in ("spec.md", "routing.md", "gpu.md"):
+    for name in ("spec.md", "routing.md", "gpu.md", "environment.md"):
         assert (ROOT / "docs" / name).is_file(), name
 
 
@@ -144,3 +144,33 @@ def test_the_readme_layout_matches_the_tree():
     dirs = ("capsfast", "kernels", "launch", "bench")
     gone = sorted(n for n in named if not any((ROOT / d / n).exists() for d in dirs))
     assert not gone, f"the README's layout names files that do not exist: {gone}"
+
+
+def test_every_capsfast_variable_is_documented():
+    """docs/environment.md lists every CAPSFAST_* variable a tracked file reads or names."""
+    documented = set(
+        re.findall(r"CAPSFAST_[A-Z_]*[A-Z]", (ROOT / "docs" / "environment.md").read_text())
+    )
+    used = set()
+    for path in tracked_files():
+        if path.is_file() and "results" not in path.parts and path.suffix in (".py", "", ".sh"):
+            data = path.read_bytes()
+            if not is_binary(data):
+                used |= set(re.findall(r"CAPSFAST_[A-Z_]*[A-Z]", data.decode("utf-8", "replace")))
+    assert used, "the search found nothing: it is broken"
+    assert not used - documented, f"not in docs/environment.md: {sorted(used - documented)}"
+
+
+def test_no_function_in_capsfast_is_over_80_lines_and_the_trainer_reads_in_one_sitting():
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "capsfast").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert not long, f"functions over 80 lines: {long}"
+    lines = len((ROOT / "capsfast" / "train.py").read_text().splitlines())
+    assert lines < 500, f"capsfast/train.py has {lines} lines"
