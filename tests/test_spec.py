@@ -12,7 +12,7 @@ from capsfast.config import parse_args
 from capsfast.data import to_float
 from capsfast.model import CapsNet
 from capsfast.train import build_optimizer, evaluate, train
-from tests.test_train import small_cfg, synthetic_mnist
+from tests.small_runs import small_cfg, synthetic_mnist
 
 
 def test_images_are_scaled_to_unit_range_without_normalisation():

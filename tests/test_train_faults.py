@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from capsfast.checkpoint import CorruptCheckpoint, list_checkpoints, verify
 from capsfast.errors import run_main
 from capsfast.train import END_PHASES, train
-from tests.test_train import small_cfg, synthetic_mnist
+from tests.small_runs import small_cfg, synthetic_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
