@@ -217,6 +217,9 @@ class TrainConfig:
         "also test at every epoch end (metrics.jsonl's epoch records, for the learning curve "
         "only: the exported model is still chosen on validation)",
     )
+    figures: bool = _f(
+        True, "draw curves.png and figures/ at the end of the run (--no-figures: skip them)"
+    )
     skip_nonfinite: bool = _f(
         False,
         "skip steps whose loss or gradient is not finite instead of stopping (counted in the logs)",

@@ -135,12 +135,13 @@ class RunEnd:
         from capsfast.figures import plot_curves
 
         out = self.out
-        plot_curves(self.state.records, out / "curves.png")
-        figures = self.task.figures(exported, out / "figures")
-        if self.use_wandb:
-            images = {f"figures/{k}": str(v) for k, v in figures.items()}
-            images["figures/curves"] = str(out / "curves.png")
-            tracking.log_images(self.acc, images, self.state.step)
+        if self.cfg.figures:
+            plot_curves(self.state.records, out / "curves.png")
+            figures = self.task.figures(exported, out / "figures")
+            if self.use_wandb:
+                images = {f"figures/{k}": str(v) for k, v in figures.items()}
+                images["figures/curves"] = str(out / "curves.png")
+                tracking.log_images(self.acc, images, self.state.step)
         others = "".join(f"capsfast: {k.removesuffix('_accuracy')} accuracy {v:.4f}\n"
                          for k, v in tests.items()
                          if k.endswith("_accuracy") and k != "test_accuracy")  # fmt: skip
@@ -148,5 +149,6 @@ class RunEnd:
             f"{others}capsfast: test accuracy {tests['test_accuracy']:.4f} on "
             f"{tests['test_size']:,} images (best validation {summary['best_val_accuracy']}), "
             f"{summary['wall_seconds']:.1f} s, {summary['images_per_second'] or 0:.1f} img/s; "
-            f"model in {out / 'model'}, figures in {out / 'figures'}"
+            f"model in {out / 'model'}"
+            + (f", figures in {out / 'figures'}" if self.cfg.figures else " (--no-figures)")
         )

@@ -40,5 +40,6 @@ def small_cfg(tmp_path, **kw):
         # A small CapsNet (2 primary capsule types: 72 primary capsules, not 1,152): the
         # behaviour these tests assert does not depend on the model's size.
         primary_types=2,
+        figures=False,  # half of a small run's time: tests that look at figures turn them on
     )
     return resolve({**base, **kw})

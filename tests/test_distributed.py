@@ -38,6 +38,7 @@ FLAGS = [
     "--no-compile",
     "--primary-types",  # a small CapsNet (72 primary capsules): ranks agree at any size
     "2",
+    "--no-figures",
 ]
 
 
@@ -122,6 +123,7 @@ def test_triton_routing_under_ddp_matches_the_reference(tmp_path, routing):
         "--no-compile",
         "--primary-types",  # a small CapsNet: the interpreter runs the kernels on 72 capsules
         "2",
+        "--no-figures",
     ]
     runs = {}
     for impl in ("torch", routing):

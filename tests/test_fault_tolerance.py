@@ -48,6 +48,7 @@ FLAGS = [
     "2",
     "--crop",
     "20",
+    "--no-figures",  # no test here looks at them: half of a short run's time
 ]
 
 

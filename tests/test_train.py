@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_training_on_synthetic_data_reduces_the_loss(tmp_path):
-    summary = train(small_cfg(tmp_path, max_steps=None, epochs=3), data=synthetic_mnist())
+    summary = train(
+        small_cfg(tmp_path, max_steps=None, epochs=3, figures=True), data=synthetic_mnist()
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
@@ -301,3 +303,11 @@ def test_compiled_model_exports_plain_capsnet_keys(tmp_path):
     keys = load_file(tmp_path / "export" / "model.safetensors").keys()
     assert "digit.W" in keys and not any(k.startswith("_orig_mod") for k in keys)
     load_model(tmp_path / "export")
+
+
+def test_no_figures_skips_the_curves_and_figures_but_nothing_else(tmp_path, capsys):
+    summary = train(small_cfg(tmp_path, figures=False), data=synthetic_mnist(n_train=64, n_test=8))
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "model" / "README.md").is_file()
+    assert not (tmp_path / "curves.png").exists() and not (tmp_path / "figures").exists()
+    assert summary["config"]["figures"] is False
+    assert "(--no-figures)" in capsys.readouterr().out
