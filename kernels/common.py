@@ -266,6 +266,31 @@ def _totals(passes):
 # ----------------------------------------------------------------------------------------------
 
 
+# Values of u_hat per tile under the interpreter: it pays per operation, not per element, so both
+# ops take few, large tiles there.
+INTERPRETER_TILE = 2**15
+
+
+def tile_override(env: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The tile override in the environment variable `env` (docs/environment.md), read at call
+    time: {} when unset, else {key: n} from "key=n,key=n". `keys` are the op's tile parameters;
+    "sms=N" alone asks for the tile choice of a GPU with N SMs instead."""
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return {}
+    allowed = ("sms", *keys)
+    usage = f"comma-separated key=n with n >= 1 and keys from {', '.join(allowed)}"
+    out = {}
+    for item in value.split(","):
+        key, sep, n = (x.strip() for x in item.partition("="))
+        if not sep or key not in allowed or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"{env}={value!r}: expected {usage}")
+        out[key] = int(n)
+    if "sms" in out and len(out) > 1:
+        raise ValueError(f"{env}={value!r}: sms=N takes no other key")
+    return out
+
+
 def interpreted(kernel) -> bool:
     """True when `kernel` was built for the Triton interpreter (TRITON_INTERPRET=1 was set before
     triton was first imported): the ops then run on CPU tensors, slowly. Asked of the kernel

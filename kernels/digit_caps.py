@@ -76,13 +76,13 @@ the Triton kernels; the host only allocates and sums fp32).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from capsfast.kernels import common
 from capsfast.kernels.common import (
+    INTERPRETER_TILE,
     buffer,
     bwd_finish_kernel,
     coupling,
@@ -101,6 +101,7 @@ from capsfast.routing import SQUASH_EPS, check_digit_caps_args
 
 MAX_JD = 32  # J and D up to 32 each
 MAX_DIN = 16
+TILES_ENV = "CAPSFAST_DIGIT_CAPS_TILES"  # block_b=n,block_i=n,i_per_prog=n or sms=N
 
 # ----------------------------------------------------------------------------------------------
 # Tiles of W and u, and the pose transform in registers
@@ -311,22 +312,20 @@ GPU_MAXNREG = 255
 
 
 def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
-    """Launch geometry. CAPSFAST_FUSED_TILES overrides the choice (tests use it):
-    "block_b,block_i,i_per_prog" sets the tiles of every pass, "gpu:<SMs>" picks the GPU geometry
-    for a device with that many SMs."""
+    """Launch geometry: the GPU's choice, the interpreter's (few, large tiles), or what
+    CAPSFAST_DIGIT_CAPS_TILES asks for (a key it leaves out takes the interpreter's choice)."""
     JP, DP = _padded_jd(J, D)
-    override = os.environ.get("CAPSFAST_FUSED_TILES", "")
-    if override.startswith("gpu:"):
-        return _gpu_tiles(B, I, JP, DP, sms=int(override[4:]))
-    if override:
-        block_b, block_i, i_per_prog = (int(x) for x in override.split(","))
-        return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b, block_i, 4, 4, 1)
-    if interpreted(_fwd_pass_kernel):
-        # The interpreter pays per operation, not per element: few, large tiles.
-        block_b = min(triton.next_power_of_2(B), 16)
-        block_i = min(triton.next_power_of_2(I), max(1, 2**15 // (block_b * JP * DP)))
-        return _geometry(B, I, JP, DP, block_b, block_i, block_i, block_b, block_i, 4, 4, 1)
-    return _gpu_tiles(B, I, JP, DP, sms=common.sm_count(device))
+    override = common.tile_override(TILES_ENV, ("block_b", "block_i", "i_per_prog"))
+    if "sms" in override:
+        return _gpu_tiles(B, I, JP, DP, sms=override["sms"])
+    if not override and not interpreted(_fwd_pass_kernel):
+        return _gpu_tiles(B, I, JP, DP, sms=common.sm_count(device))
+    block_b = override.get("block_b") or min(triton.next_power_of_2(B), 16)
+    block_i = override.get("block_i") or min(
+        triton.next_power_of_2(I), max(1, INTERPRETER_TILE // (block_b * JP * DP))
+    )
+    i_per_prog = override.get("i_per_prog") or block_i
+    return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b, block_i, 4, 4, 1)
 
 
 def _padded_jd(J: int, D: int) -> tuple[int, int]:

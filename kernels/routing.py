@@ -40,21 +40,22 @@ Public API:
 Debugging knobs (read at call time):
     CAPSFAST_POISON=1            fill every output and scratch buffer with NaN before the kernels
                                  run, so an element a kernel forgets to write shows up (tests).
-    CAPSFAST_ROUTING_BLOCK_I=n   rows of i per tile (a power of two)
-    CAPSFAST_ROUTING_SLICES=n    i-slices per sample (programs per sample in a pass)
+    CAPSFAST_ROUTE_TILES=block_i=n,slices=n   rows of i per tile (a power of two) and i-slices
+                                 per sample; or sms=N: the GPU's tiles for N SMs
+                                 (docs/environment.md)
 """
 
 # ruff: noqa: E741  (I, J, D, B, T: the notation of docs/routing.md)
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from capsfast.kernels import common
 from capsfast.kernels.common import (
+    INTERPRETER_TILE,
     buffer,
     bwd_finish_kernel,
     coupling,
@@ -71,6 +72,8 @@ from capsfast.kernels.common import (
 from capsfast.routing import SQUASH_EPS, check_route_args
 
 __all__ = ["pass_costs", "route_triton", "triton_available"]
+
+TILES_ENV = "CAPSFAST_ROUTE_TILES"  # block_i=n,slices=n or sms=N (docs/environment.md)
 
 # ---------------------------------------------------------------------------------------------
 # Tiles of u_hat (a sample axis of 1: the shared math works on [BB, BI, JP, DP])
@@ -197,38 +200,32 @@ def _route_bwd_du_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if not value:
-        return None
-    n = int(value)
-    if n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return n
-
-
 # GPU tile: values of u_hat per [BLOCK_I, JP, DP] tile, 8 fp32 registers per thread and tile at
 # 4 warps, so that triton 3.6's ptxas allocates the backward passes without spills and with
 # several warps per scheduler (the passes are memory-bound).
 GPU_TILE = 1024
 
 
-def _tiling(B: int, I: int, J: int, D: int, programs: int, gpu: bool) -> dict:
+def _tiling(
+    B: int, I: int, J: int, D: int, programs: int, gpu: bool, block_i=None, slices=None
+) -> dict:
     """Tile sizes and the (sample, i-slice) grid.
 
     JP, DP: J and D padded to powers of two (masked). BLOCK_I: rows of i per tile, so that a
-    [BLOCK_I, JP, DP] fp32 tile holds GPU_TILE values on the GPU and 32K under the interpreter. n_slices: i-slices per sample, enough for
-    B * n_slices to reach `programs`; each program walks N_CHUNKS tiles of its slice.
+    [BLOCK_I, JP, DP] fp32 tile holds GPU_TILE values on the GPU and INTERPRETER_TILE under the
+    interpreter. n_slices: i-slices per sample, enough for B * n_slices to reach `programs`; each
+    program walks N_CHUNKS tiles of its slice. block_i and slices, when given, replace the choice
+    (a power of two, any count).
     """
     JP = triton.next_power_of_2(J)
     DP = triton.next_power_of_2(D)
-    tile_values = GPU_TILE if gpu else 32768
-    BLOCK_I = _env_int("CAPSFAST_ROUTING_BLOCK_I") or max(1, tile_values // (JP * DP))
+    tile_values = GPU_TILE if gpu else INTERPRETER_TILE
+    BLOCK_I = block_i or max(1, tile_values // (JP * DP))
     if BLOCK_I & (BLOCK_I - 1):
-        raise ValueError(f"CAPSFAST_ROUTING_BLOCK_I must be a power of two, got {BLOCK_I}")
+        raise ValueError(f"{TILES_ENV}: block_i must be a power of two, got {BLOCK_I}")
     BLOCK_I = min(BLOCK_I, triton.next_power_of_2(I))
     n_blocks = triton.cdiv(I, BLOCK_I)
-    n_slices = _env_int("CAPSFAST_ROUTING_SLICES") or triton.cdiv(programs, max(B, 1))
+    n_slices = slices or triton.cdiv(programs, max(B, 1))
     n_slices = min(n_slices, n_blocks)
     n_chunks = triton.cdiv(n_blocks, n_slices)
     n_slices = triton.cdiv(n_blocks, n_chunks)  # no empty slice
@@ -243,9 +240,12 @@ def _tiling(B: int, I: int, J: int, D: int, programs: int, gpu: bool) -> dict:
 
 
 def _launch_tiling(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
-    if interpreted(_route_fwd_pass_kernel):
-        return _tiling(B, I, J, D, programs=1, gpu=False)  # the interpreter runs programs in turn
-    return _tiling(B, I, J, D, programs=4 * common.sm_count(device), gpu=True)
+    override = common.tile_override(TILES_ENV, ("block_i", "slices"))
+    if "sms" in override:
+        return _tiling(B, I, J, D, programs=4 * override["sms"], gpu=True)
+    if interpreted(_route_fwd_pass_kernel):  # the interpreter runs programs in turn
+        return _tiling(B, I, J, D, programs=1, gpu=False, **override)
+    return _tiling(B, I, J, D, programs=4 * common.sm_count(device), gpu=True, **override)
 
 
 def pass_costs(

@@ -32,8 +32,7 @@ PAPER = (2, 1152, 10, 16)
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("CAPSFAST_POISON", "1")
-    monkeypatch.delenv("CAPSFAST_ROUTING_BLOCK_I", raising=False)
-    monkeypatch.delenv("CAPSFAST_ROUTING_SLICES", raising=False)
+    monkeypatch.delenv(kr.TILES_ENV, raising=False)
 
 
 def assert_close(got, want, dtype, what=""):
@@ -95,15 +94,27 @@ def test_shapes_dtypes(shape, dtype, detach_inner):
 
 
 @pytest.mark.parametrize(
-    "block_i, slices",
-    [(4, 3), (1, 100), (8, 1), (64, 2)],
-    ids=["partial-last-slice", "one-row-tiles", "one-slice", "one-masked-tile"],
-)
-def test_tilings(monkeypatch, block_i, slices):
-    """Other (BLOCK_I, i-slices) splits: masked rows, empty trailing tiles, many partials."""
-    monkeypatch.setenv("CAPSFAST_ROUTING_BLOCK_I", str(block_i))
-    monkeypatch.setenv("CAPSFAST_ROUTING_SLICES", str(slices))
+    "tiles",
+    ["block_i=4,slices=3", "block_i=1,slices=100", "block_i=8,slices=1", "block_i=64,slices=2",
+     "sms=2"],
+    ids=["partial-last-slice", "one-row-tiles", "one-slice", "one-masked-tile", "gpu-tiles"],
+)  # fmt: skip
+def test_tilings(monkeypatch, tiles):
+    """Other (BLOCK_I, i-slices) splits: masked rows, empty trailing tiles, many partials; and
+    the GPU's own choice (for a device with 2 SMs), run here under the interpreter."""
+    monkeypatch.setenv(kr.TILES_ENV, tiles)
     check_against_reference((2, 37, 7, 5), 3, False, True, torch.float32, seed=2)
+
+
+@pytest.mark.parametrize(
+    "value", ["4", "block_i=0", "block_i=x", "slices=2,block_b=4", "sms=2,slices=1", "block_i=3"]
+)
+def test_tile_override_rejects_what_it_cannot_use(monkeypatch, value):
+    """CAPSFAST_ROUTE_TILES: comma-separated key=n of this op's keys (n >= 1, BLOCK_I a power of
+    two), or sms=N alone; anything else is an error, never silently ignored."""
+    monkeypatch.setenv(kr.TILES_ENV, value)
+    with pytest.raises(ValueError, match=kr.TILES_ENV):
+        kr._launch_tiling(2, 37, 7, 5, torch.device(DEVICE))
 
 
 @pytest.mark.parametrize(
