@@ -114,7 +114,7 @@ def test_tile_override_rejects_what_it_cannot_use(monkeypatch, value):
     two), or sms=N alone; anything else is an error, never silently ignored."""
     monkeypatch.setenv(kr.TILES_ENV, value)
     with pytest.raises(ValueError, match=kr.TILES_ENV):
-        kr._launch_tiling(2, 37, 7, 5, torch.device(DEVICE))
+        kr._tiles(2, 37, 7, 5, torch.device(DEVICE))
 
 
 @pytest.mark.parametrize(
@@ -266,7 +266,7 @@ class _CudaCurrentDevice:
 def test_launches_run_on_the_tensors_device(monkeypatch, op):
     """u on cuda:1 while cuda:0 is current: every kernel of the op (forward and backward) must
     launch with cuda:1 current (kernels.common.on_device), and cuda:0 be current again after.
-    No second GPU exists here: the wrappers run on fake tensors that claim cuda:1, with recorders
+    No second GPU exists here: the launchers run on fake tensors that claim cuda:1, with recorders
     in place of the jit kernels (the same capture the compile check uses)."""
     from capsfast.kernels import common
     from capsfast.kernels import digit_caps as kd
@@ -293,13 +293,13 @@ def test_launches_run_on_the_tensors_device(monkeypatch, op):
         bias = torch.empty(10, 16, device=dev)
         if op == "route":
             u_hat = torch.empty(4, 64, 10, 16, device=dev, dtype=torch.bfloat16)
-            v, S, Vprev = kr._route_forward(u_hat, bias, 3)
-            kr._route_backward(torch.empty_like(v), u_hat, S, Vprev, False)
+            v, S, Vprev = kr.route_forward(u_hat, bias, 3)
+            kr.route_backward(torch.empty_like(v), u_hat, S, Vprev, False)
         else:
             u = torch.empty(4, 64, 8, device=dev, dtype=torch.bfloat16)
             W = torch.empty(64, 10, 16, 8, device=dev)
-            v, s_all, Vprev = kd._forward(u, W, bias, 3)
-            kd._backward(torch.empty_like(v), u, W, bias, s_all, Vprev, 3, False)
+            v, S, Vprev = kd.digit_caps_forward(u, W, bias, 3)
+            kd.digit_caps_backward(torch.empty_like(v), u, W, bias, S, Vprev, 3, False)
     assert sorted({name for name, _ in launches}) == kernels  # every kernel of the op launched
     assert {device for _, device in launches} == {1}
     assert _CudaCurrentDevice.current == 0
