@@ -539,7 +539,7 @@ def digit_caps_fused(
     detach_inner: bool = False,
 ) -> Tensor:
     """DigitCaps with u_hat = W u formed on chip: u [B, I, Din], W [I, J, D, Din], bias [J, D]
-    or None -> v [B, J, D] in u's dtype. See the module docstring for the algorithm. The one
+    or None -> v [B, J, D] in u's dtype; the algorithm is in docs/routing.md, Section 7. The one
     place its arguments are checked (capsfast.routing.digit_caps dispatches here unchecked)."""
     op = "digit_caps_fused"
     check_digit_caps_args(u, W, op=op)
