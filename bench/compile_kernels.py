@@ -2,18 +2,18 @@
 
 The kernels have only run under the Triton interpreter on CPU, which accepts programs the GPU
 compiler rejects. This module proves what the real toolchain can prove without a GPU: each kernel,
-specialised exactly as the launch wrappers launch it, goes through Triton's frontend, LLVM and
+specialised exactly as the launchers launch it, goes through Triton's frontend, LLVM and
 ptxas for sm_90 (H100) and sm_80 (A100), and ptxas -v says its registers, spills and stack.
 
     python -m bench.compile_kernels [--oldest DIR]   # both triton versions -> bench/results/compile/
 
 How (worker processes without TRITON_INTERPRET: one per triton version and target):
-  1. capture: the wrappers (kernels/routing.py: _route_forward, _route_backward; kernels/
-     digit_caps.py: _forward, _backward) run on fake CUDA tensors (FakeTensorMode: shapes,
-     dtypes and strides, no memory) with every `*_kernel` of both modules replaced by a recorder
-     that keeps the grid, the arguments and the launch options of each launch. The SM count
-     answers 132 (an H100) and CUDA device guards are no-ops, so the wrappers take their real GPU
-     code path and geometry.
+  1. capture: the launchers (kernels/routing.py: route_forward, route_backward; kernels/
+     digit_caps.py: digit_caps_forward, digit_caps_backward) run on fake CUDA tensors
+     (FakeTensorMode: shapes, dtypes and strides, no memory) with every `*_kernel` of both
+     modules replaced by a recorder that keeps the grid, the arguments and the launch options of
+     each launch. The SM count answers 132 (an H100) and CUDA device guards are no-ops, so the
+     launchers take their real GPU code path and tiles.
   2. compile: each recorded launch is replayed through Triton's own launch path,
      `JITFunction.warmup` (argument binding, int/pointer specialisation, options, cache), with
      Triton's driver replaced by one that only names the target: Triton compiles, and loads
@@ -25,7 +25,7 @@ How (worker processes without TRITON_INTERPRET: one per triton version and targe
 
 Why a worker process: under TRITON_INTERPRET=1 (set by the test suites' conftest) the `@triton.jit`
 objects and every helper they call are InterpretedFunctions: the GPU code generator rejects them
-("Unsupported function referenced"), and the wrappers pick interpreter tile sizes from them. A
+("Unsupported function referenced"), and the launchers pick interpreter tile sizes from them. A
 process started without it imports the same modules, and takes the same code path, as a GPU
 user. The oldest supported triton needs its own process anyway (PYTHONPATH=DIR, a
 `pip install --no-deps --target DIR triton==OLDEST_TRITON`).
@@ -76,7 +76,7 @@ SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KiB of shared memory per
 
 
 # ----------------------------------------------------------------------------------------------
-# Capture: run the launch wrappers on fake CUDA tensors, record each kernel launch
+# Capture: run the launchers on fake CUDA tensors, record each kernel launch
 # ----------------------------------------------------------------------------------------------
 
 
@@ -114,7 +114,7 @@ class _Capture:
 
 class _Recorder:
     """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` is recorded, not run.
-    Not an InterpretedFunction, so the wrappers' interpreter check says "GPU"."""
+    Not an InterpretedFunction, so the launchers' interpreter check says "GPU"."""
 
     def __init__(self, name: str, capture: _Capture):
         self.name, self.capture = name, capture
@@ -155,10 +155,10 @@ def jit_kernels(module) -> dict:
 
 @contextlib.contextmanager
 def _as_h100(modules, sm_queries: list):
-    """The wrappers' GPU queries answer for an H100 without a GPU: the SM count (kernels/
+    """The launchers' GPU queries answer for an H100 without a GPU: the SM count (kernels/
     common.py's `sm_count`, under each name it is imported by) is 132, and CUDA device guards
     (torch.cuda.device) switch nothing. Appends to sm_queries the module that asked for the SM
-    count (the calling module, whichever name it used): proof that the wrappers chose the GPU
+    count (the calling module, whichever name it used): proof that the launchers chose the GPU
     geometry."""
     import torch
 
@@ -168,7 +168,7 @@ def _as_h100(modules, sm_queries: list):
     saved += [(torch.cuda, n, getattr(torch.cuda, n)) for n in _DEVICE_EXCHANGE]
 
     def h100_sm_count(device) -> int:
-        # Who asked: the calling wrapper's module (they call it as common.sm_count).
+        # Who asked: the calling launcher's module (they call it as common.sm_count).
         sm_queries.append(sys._getframe(1).f_globals["__name__"])
         return H100_SMS
 
@@ -217,7 +217,7 @@ def case_name(op: str, B: int, act: str, par: str, bias: bool) -> str:
 
 def capture() -> dict:
     """Run forward and backward (full and detach_inner) of both ops for every case on fake CUDA
-    tensors; returns the launches and what the wrappers asked of the GPU."""
+    tensors; returns the launches and what the launchers asked of the GPU."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -234,18 +234,20 @@ def capture() -> dict:
             if op == "routing":
                 u_hat = torch.empty((B, I, J, D), dtype=a, device="cuda")
                 log.variant = f"{name} fwd"
-                v, S, Vs = routing._route_forward(u_hat, bias, T)
+                v, S, Vprev = routing.route_forward(u_hat, bias, T)
                 for detach in (False, True):
                     log.variant = f"{name} bwd" + (" detach" if detach else "")
-                    routing._route_backward(torch.empty_like(v), u_hat, S, Vs, detach)
+                    routing.route_backward(torch.empty_like(v), u_hat, S, Vprev, detach)
             else:
                 u = torch.empty((B, I, Din), dtype=a, device="cuda")
                 W = torch.empty((I, J, D, Din), dtype=p, device="cuda")
                 log.variant = f"{name} fwd"
-                v, s_all, Vprev = digit_caps._forward(u, W, bias, T)
+                v, S, Vprev = digit_caps.digit_caps_forward(u, W, bias, T)
                 for detach in (False, True):
                     log.variant = f"{name} bwd" + (" detach" if detach else "")
-                    digit_caps._backward(torch.empty_like(v), u, W, bias, s_all, Vprev, T, detach)
+                    digit_caps.digit_caps_backward(
+                        torch.empty_like(v), u, W, bias, S, Vprev, T, detach
+                    )
     defined = sorted(f"{m.__name__}:{n}" for m in modules for n in jit_kernels(m))
     return dict(launches=log.launches, kernels_defined=defined, sm_queries=sorted(set(sm_queries)))
 
@@ -470,7 +472,7 @@ def problems(report: dict) -> list[str]:
     figures, `*_kernel`s never launched."""
     found = []
     for name in sorted(set(report["kernels_defined"]) - set(report["kernels_launched"])):
-        found.append(f"{name}: never launched by the wrappers in any case, so never compiled")
+        found.append(f"{name}: never launched by the launchers in any case, so never compiled")
     for r in report["compilations"]:
         where = f"{r['kernel']} [{r['target']}, triton {report['triton']}] ({r['variants'][0]}"
         where += f" and {len(r['variants']) - 1} more)" if len(r["variants"]) > 1 else ")"
@@ -541,7 +543,7 @@ def markdown(reports: list[dict], command: str, commit: str, machine: dict) -> s
         f"D={PAPER['D']}, Din={PAPER['Din']}, T={PAPER['T']}; B in {list(BATCHES)}; dtypes "
         "(activations, parameters) "
         + ", ".join(f"{a}/{p}" for a, p in DTYPES)
-        + f"; launches captured from the wrappers with an H100's {H100_SMS} SMs. Registers, "
+        + f"; launches captured from the launchers with an H100's {H100_SMS} SMs. Registers, "
         "spills and stack from ptxas -v; shared = Triton's dynamic shared memory + ptxas static; "
         "warps/SM is an occupancy estimate (registers in 256-per-warp units, shared memory + 1 "
         "KiB per block, at most 64 warps and 32 blocks per SM), not a measurement. Compile "

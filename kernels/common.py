@@ -137,8 +137,6 @@ def u_hat_grad_step(du_hat, u_hat, V, G, j_ok, FIRST: tl.constexpr, DETACH: tl.c
 #             dtype) instead of V_T
 #   grid      (cdiv(B, BLOCK_B),)
 #   saves     s_t into S[t-1] and V_t into Vprev[t]: the state the next pass and the backward read
-#   bytes     per sample 4 m (N_PARTS + 1) read (+ the bias), 8 m written (last: 4 m + v)
-#             (m = J D)                                        FLOPs ~ (N_PARTS + 6) m
 @triton.jit
 def fwd_finish_kernel(
     part_ptr, N_PARTS, bias_ptr, Vprev_ptr, Vnext_ptr, s_ptr, v_ptr, B, J, D,
@@ -166,7 +164,6 @@ def fwd_finish_kernel(
 #   computes  dL/dv_t = sum_n part[n, b] (for t = T the incoming gradient itself, N_PARTS = 1)
 #   grid      (cdiv(B, BLOCK_B),)
 #   saves     G_t into G[t-1], read by the later backward passes
-#   bytes     per sample 4 m (N_PARTS + 1) read, 4 m written     FLOPs ~ (N_PARTS + 8) m
 @triton.jit
 def bwd_finish_kernel(
     part_ptr, N_PARTS, s_ptr, G_ptr, B, J, D,
@@ -264,6 +261,31 @@ def _totals(passes):
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
+
+
+# Values of u_hat per tile under the interpreter: it pays per operation, not per element, so both
+# ops take few, large tiles there.
+INTERPRETER_TILE = 2**15
+
+
+def tile_override(env: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The tile override in the environment variable `env` (docs/environment.md), read at call
+    time: {} when unset, else {key: n} from "key=n,key=n". `keys` are the op's tile parameters;
+    "sms=N" alone asks for the tile choice of a GPU with N SMs instead."""
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return {}
+    allowed = ("sms", *keys)
+    usage = f"comma-separated key=n with n >= 1 and keys from {', '.join(allowed)}"
+    out = {}
+    for item in value.split(","):
+        key, sep, n = (x.strip() for x in item.partition("="))
+        if not sep or key not in allowed or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"{env}={value!r}: expected {usage}")
+        out[key] = int(n)
+    if "sms" in out and len(out) > 1:
+        raise ValueError(f"{env}={value!r}: sms=N takes no other key")
+    return out
 
 
 def interpreted(kernel) -> bool:

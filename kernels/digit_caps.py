@@ -3,72 +3,21 @@
     v = digit_caps_fused(u [B, I, Din], W [I, J, D, Din], iterations, bias=None | [J, D])
 
 u_hat[b, i, j, d] = sum_k W[i, j, d, k] u[b, i, k] is never stored: every pass over the input
-capsules rebuilds its tile of u_hat from W and u in registers (Din multiply-adds per element), so
-device memory sees only u, W, v, du, dW and a few [B, J, D] tensors. The recurrences are those of
-docs/routing.md (forward, full-gradient backward, detach_inner backward):
-
-    forward, t = 1..T (one pass over i each, then a tiny finishing step per sample)
-        c_t[i,j]  = softmax_j <u_hat[i,j], V_{t-1}[j]>        # V_{t-1} = v_1 + ... + v_{t-1}
-        s_t[j]    = sum_i c_t[i,j] u_hat[i,j] + beta[j];  v_t = squash(s_t);  V_t = V_{t-1} + v_t
-    backward (full gradient), G_t = squash_bwd(s_t, dL/dv_t):
-        gamma_t[i,j] = <u_hat[i,j], G_t[j]>;   P_t = c_t (gamma_t - sum_j c_t gamma_t)
-        dL/dv_{t-1}[j] = sum_i (P_t + ... + P_T)[i,j] u_hat[i,j]          # passes t = T..2
-        dL/du_hat[i,j] = sum_t c_t[i,j] G_t[j] + P_t[i,j] V_{t-1}[j]      # last pass
-    backward (detach_inner): dL/du_hat = c_T G_T
-    then du[b,i,k] = sum_{j,d} W[i,j,d,k] dL/du_hat[b,i,j,d]   (on chip, per sample)
-         dW[i,j,d,k] = sum_b dL/du_hat[b,i,j,d] u[b,i,k]       (fp32 registers, whole batch)
-         dbeta = sum_{b,t} G_t  (detach_inner: sum_b G_T)
-The routing math on chip (coupling, softmax_bwd, squash, logit_grad, u_hat_grad_step) and the
-per-sample finishing kernels are those of the routing op, shared in kernels/common.py.
-
-Loads and the contraction. W is read as [BLOCK_I, Din, J D] tiles whose Din axis is contiguous
-in memory (16-byte vector copies; on the GPU cp.async into shared memory, one chunk ahead of the
-math) and u as [BLOCK_I, BLOCK_B, Din] rows. u_hat = u W is then one [BLOCK_B, Din] x [Din, J D]
-product per input capsule: tl.dot in exact fp32 (input_precision="ieee": register-blocked fused
-multiply-adds, not TF32), whose result lands in the layout the routing math reduces over (no
-layout conversion inside the loops). Operands are upcast to fp32 first (bf16 u with an fp32 master
-W; bf16 tl.dot is also wrong under triton 3.8's interpreter). Din, J D and the last pass's sample
-block are padded with masked zeros to the dot's minimum K (16 in triton 3.6, 8 in 3.8).
-
-Routing passes (forward t = 1..T, backward t = T..2): grid (i-slice, sample block). A program
-owns I_PER_PROG input capsules and BLOCK_B samples: it loads its samples' state (V_{t-1}; in the
-backward V_{tau-1} and G_tau for tau >= t) once, then walks its i-slice in chunks of BLOCK_I,
-loading each chunk of W once and applying it to all its samples. W is thus read once per sample
-block and pass (from L2: 5.9 MB fp32 at the paper shape), u once per pass. The [J, D] sums over i
-are written per i-slice to a partials buffer [n_slices, B, J, D] and summed in a fixed order by
-the finishing kernel (kernels/common.py): deterministic, no atomics.
-
-Last backward pass: grid (i-chunk,). There is no sum over i left (du is per (b, i)), only dW's
-sum over the batch: a program owns BLOCK_I input capsules, loads their W once and keeps it and
-their dW accumulator on chip while it walks every sample block; each block's state is loaded once
-per program (so every sample's state, 4 (2T - 1) J D bytes, is read I / BLOCK_I times in all, from
-L2), du written once, dW written once at the end. Never a [B, I, J, D, Din] temporary, no partials, no atomics.
-
-Bytes and FLOPs: each kernel's comment block states its own, for the whole batch (Q = B I Din
-values of u of e_u bytes, Wn = I J D Din values of W of e_w bytes, E = B I J D values of u_hat,
-m = B J D, fp32 state; nb sample blocks, nc last-pass programs); `pass_costs` adds them up for a
-shape (the model is kernels.common.pass_costs) and bench/test_routing.py records them. Forming
-u_hat costs 2 E Din FLOPs per pass (6 E Din in the last: u_hat, du, dW), against about Q e_u +
-Wn e_w bytes from HBM: the passes are compute-bound on the GPU, their HBM traffic near compulsory
-(u, W, v, du, dW). Under triton 3.6 an fp32 tl.dot needs K >= 16, so Din = 8 is padded to 16 and
-the contraction issues twice its FLOPs (3.8 accepts K = 8).
+capsules rebuilds its chunk of u_hat from W and u in registers, so device memory sees only u, W,
+v, du, dW and a few [B, J, D] tensors. The recurrences, the passes, the tiles and the cost model
+are in docs/routing.md (Sections 3-5, and Section 7 for what the fused op adds). The routing math
+on chip and the per-sample finishing kernels are those of the routing op (kernels/common.py).
 
 All arithmetic is fp32 whatever the input dtypes (loads are upcast); v comes back in u's dtype,
-du in u's, dW in W's and dbeta in bias's dtype, so an fp32 master W works with bf16/fp16 u.
-
+du in u's, dW in W's and d(bias) in the bias's dtype, so an fp32 master W works with bf16/fp16 u.
 Saved for backward: s_t and V_{t-1} for every t, [T, B, J, D] fp32 each; u, W, bias themselves.
 
-Wrapped as the custom op capsfast::digit_caps (+ capsfast::digit_caps_backward) with fake and
-autograd registrations, so it passes torch.library.opcheck and torch.compile. On CPU it runs only
-under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
+Public: digit_caps_fused (autograd-aware), pass_costs (bytes and FLOPs per launch), the custom
+ops capsfast::digit_caps and capsfast::digit_caps_backward. Environment: CAPSFAST_DIGIT_CAPS_TILES
+overrides the tiles, CAPSFAST_POISON fills buffers with NaN (docs/environment.md).
 
-Autocast (both ops, this one and capsfast::route): no autocast kernel is registered. Autocast's
-fallthrough then hands the op its inputs as they are (bf16 u with the fp32 master W, a bf16 u_hat
-with an fp32 bias), exactly as the reference sees them: the op computes in fp32 itself and returns
-u's (u_hat's) dtype, on CPU and CUDA alike. torch.library.register_autocast cannot express that:
-it casts every floating input to one dtype (W to bf16, or u to fp32, changing both the result
-and the bytes read). Nothing the ops run on the host is on an autocast cast list (the math is in
-the Triton kernels; the host only allocates and sums fp32).
+Sections, in the order kernels/routing.py has them too: jit helpers, kernels, tile choice, cost
+model, launchers, custom op (fake, autograd rule), public entry (it has no probe of its own).
 """
 
 # ruff: noqa: E741  (B, I, J, D, Din: the sizes as docs/routing.md and docs/spec.md name them)
@@ -76,13 +25,13 @@ the Triton kernels; the host only allocates and sums fp32).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from capsfast.kernels import common
 from capsfast.kernels.common import (
+    INTERPRETER_TILE,
     buffer,
     bwd_finish_kernel,
     coupling,
@@ -101,10 +50,11 @@ from capsfast.routing import SQUASH_EPS, check_digit_caps_args
 
 MAX_JD = 32  # J and D up to 32 each
 MAX_DIN = 16
+TILES_ENV = "CAPSFAST_DIGIT_CAPS_TILES"  # block_b=n,block_i=n,i_per_prog=n or sms=N
 
-# ----------------------------------------------------------------------------------------------
-# Tiles of W and u, and the pose transform in registers
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Jit helpers: tiles of W and u, and a chunk of u_hat formed from them in registers
+# ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -144,87 +94,89 @@ def _pose(u, w, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
 
 
 @triton.jit
-def _sample_block(B, BLOCK_B: tl.constexpr):
+def _load_u_hat(u_ptr, W_ptr, offs_b, b_ok, offs_i, I, J, D, K: tl.constexpr,
+                KD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
+                JP: tl.constexpr, DP: tl.constexpr):  # fmt: skip
+    """u_hat[offs_b, offs_i] as fp32 [BB, BI, JP, DP] (zero outside), formed from a chunk of W
+    and the samples' rows of u (both upcast to fp32 first). The grad pass, which keeps its W on
+    chip across sample blocks, calls the three helpers above itself."""
+    w_offs, w_ok = _w_tile(offs_i, I, J, D, K, KD, JP, DP)
+    u_offs, u_ok = _u_tile(offs_b, b_ok, offs_i, I, K, KD)
+    w = tl.load(W_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + u_offs, mask=u_ok, other=0.0).to(tl.float32)
+    return _pose(u, w, BLOCK_B, BLOCK_I, JP, DP)
+
+
+@triton.jit
+def _samples(B, BLOCK_B: tl.constexpr):
+    """This program's block of samples: (offs_b [BB], b_ok [BB])."""
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
     return offs_b.to(tl.int64), b_ok
 
 
-# ----------------------------------------------------------------------------------------------
-# Forward
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Kernels (what each launch reads, writes and costs: docs/routing.md, Sections 5-7)
+# ---------------------------------------------------------------------------------------------
 
 
-# Forward pass t over the input capsules.
+# Forward pass of iteration t (one launch per iteration).
 #   computes  part[n, b] = sum_{i in slice n} c_t[b,i,j] u_hat[b,i,j,:], c_t = softmax_j <u_hat,
 #             V_{t-1}>, u_hat formed on chip from W and u
 #   grid      (n_slices, n_sample_blocks); program (n, m) owns i in [n*I_PER_PROG, ...) in chunks
 #             of BLOCK_I and samples [m*BLOCK_B, ...): V_{t-1} loaded once, each W chunk once
-#   saves     nothing: the partials go to fwd_finish_kernel
-#   bytes     HBM Q e_u + Wn e_w + 4 m + 4 n m; L2 adds (nb - 1) Wn e_w (W once per block)
-#   FLOPs     2 E Din + 4 E + 5 I J
+#   saves     nothing (the partials are scratch, reduced by fwd_finish_kernel)
 @triton.jit
-def _fwd_pass_kernel(
+def _digit_caps_fwd_pass_kernel(
     u_ptr, W_ptr, Vprev_ptr, part_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
     K: tl.constexpr, KD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
     JP: tl.constexpr, DP: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
-    offs_b, b_ok = _sample_block(B, BLOCK_B)
+    offs_b, b_ok = _samples(B, BLOCK_B)
     j_ok = tl.arange(0, JP) < J
     V = load_rows(Vprev_ptr, offs_b, b_ok, J, D, JP, DP)  # [BB, JP, DP]
     s = tl.zeros((BLOCK_B, JP, DP), dtype=tl.float32)
     for chunk in range(N_CHUNKS):
         offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        w_offs, w_ok = _w_tile(offs_i, I, J, D, K, KD, JP, DP)
-        u_offs, u_ok = _u_tile(offs_b, b_ok, offs_i, I, K, KD)
-        w = tl.load(W_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + u_offs, mask=u_ok, other=0.0).to(tl.float32)
-        u_hat = _pose(u, w, BLOCK_B, BLOCK_I, JP, DP)
+        u_hat = _load_u_hat(
+            u_ptr, W_ptr, offs_b, b_ok, offs_i, I, J, D, K, KD, BLOCK_B, BLOCK_I, JP, DP
+        )
         c = coupling(u_hat, V, j_ok)
         s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
     store_rows(part_ptr + n * B * J * D, s, offs_b, b_ok, J, D, JP, DP)
 
 
-# ----------------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------------
-
-
-# Backward reduction pass for step t (t = T..2) of the full gradient.
+# Backward pass for dL/dv_{t-1} (full gradient only; t = T..2, one launch each).
 #   computes  part[n, b] = sum_{i in slice n} Bbar_{t-1}[b,i,j] u_hat[b,i,j,:],
 #             Bbar_{t-1} = P_t + ... + P_T = dL/d(logits b_{t-1}); c_tau and P_tau recomputed
 #             from u_hat (on chip), V_{tau-1} and G_tau for tau >= t
 #   grid      (n_slices, n_sample_blocks), as the forward pass; the 2 (T - t + 1) state
 #             matrices of the block loaded once
-#   saves     nothing: bwd_finish_kernel turns the partials into G_{t-1}
-#   bytes     HBM Q e_u + Wn e_w + 8 N m + 4 n m (N = T - t + 1); L2 adds (nb - 1) Wn e_w
-#   FLOPs     2 E Din + N (4 E + 10 I J) + 2 E
+#   saves     nothing (bwd_finish_kernel turns the partials into G_{t-1})
 @triton.jit
-def _bwd_pass_kernel(
+def _digit_caps_bwd_pass_kernel(
     u_ptr, W_ptr, Vprev_ptr, G_ptr, part_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
     t: tl.constexpr, T: tl.constexpr, K: tl.constexpr, KD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr, DP: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
-    offs_b, b_ok = _sample_block(B, BLOCK_B)
+    offs_b, b_ok = _samples(B, BLOCK_B)
     j_ok = tl.arange(0, JP) < J
     Vs = load_state(Vprev_ptr, offs_b, b_ok, B, J, D, t - 1, T, JP, DP)
     Gs = load_state(G_ptr, offs_b, b_ok, B, J, D, t - 1, T, JP, DP)
     dv = tl.zeros((BLOCK_B, JP, DP), dtype=tl.float32)
     for chunk in range(N_CHUNKS):
         offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        w_offs, w_ok = _w_tile(offs_i, I, J, D, K, KD, JP, DP)
-        u_offs, u_ok = _u_tile(offs_b, b_ok, offs_i, I, K, KD)
-        w = tl.load(W_ptr + w_offs, mask=w_ok, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + u_offs, mask=u_ok, other=0.0).to(tl.float32)
-        u_hat = _pose(u, w, BLOCK_B, BLOCK_I, JP, DP)
+        u_hat = _load_u_hat(
+            u_ptr, W_ptr, offs_b, b_ok, offs_i, I, J, D, K, KD, BLOCK_B, BLOCK_I, JP, DP
+        )
         Bbar = logit_grad(u_hat, Vs, Gs, j_ok, T - t + 1)
         dv += tl.sum(Bbar[:, :, :, None] * u_hat, axis=1)
     store_rows(part_ptr + n * B * J * D, dv, offs_b, b_ok, J, D, JP, DP)
 
 
-# Last backward pass: gradients of u and W through the on-chip u_hat.
+# Grad pass: the input gradients du and dW through the on-chip u_hat (the last launch).
 #   computes  du_hat = sum_t c_t G_t + P_t V_{t-1}  (DETACH: c_T G_T only; common.u_hat_grad_step),
 #             then du[b,i,:] = sum_{j,d} W[i,j,d,:] du_hat[b,i,j,d]   (written in u's dtype)
 #             and  dW[i,j,d,:] = sum_b du_hat[b,i,j,d] u[b,i,:], accumulated in fp32 registers
@@ -233,11 +185,8 @@ def _bwd_pass_kernel(
 #             registers and walks ALL samples in N_BLOCKS blocks of BLOCK_B, loading each block's
 #             state once
 #   saves     nothing
-#   bytes     HBM 2 Q e_u + 2 Wn e_w + 4 (2T - 1) m; L2 adds (nc - 1) 4 (2T - 1) m (every program
-#             reads the state of every sample: fewer inputs per program, more re-reads)
-#   FLOPs     6 E Din + 2 E + (T - 1) (8 E + 9 I J)  (detach_inner: 6 E Din + 4 E + 5 I J)
 @triton.jit
-def _pose_grad_kernel(
+def _digit_caps_grad_pass_kernel(
     u_ptr, W_ptr, Vprev_ptr, G_ptr, du_ptr, dW_ptr, B, I, J, D, N_BLOCKS,
     TAU0: tl.constexpr, T: tl.constexpr, DETACH: tl.constexpr, K: tl.constexpr,
     KD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
@@ -272,16 +221,30 @@ def _pose_grad_kernel(
              mask=tl.permute(w_ok, (0, 2, 1)))  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------
-# Launch geometry and costs
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Tile choice
+# ---------------------------------------------------------------------------------------------
+
+# GPU tiles (a first design, not tuned on hardware; docs/gpu.md says how to time it), chosen so
+# that ptxas (sm_90, triton 3.6 and 3.8) allocates without spills at the paper shape.
+GPU_BLOCK_B = 16  # routing passes: samples per program (W is re-read once per sample block)
+GPU_W_TILE = 2048  # routing passes: values of a W chunk [BLOCK_I, KD, JP * DP] (staged in smem)
+GPU_BLOCK_B_LAST = 8  # grad pass: samples per block (at least the dot's minimum K)
+GPU_BLOCK_I_LAST = 2  # grad pass: input capsules per program (their W and dW stay on chip)
+GPU_TILE_LAST = 4096  # grad pass: values of a u_hat tile [BLOCK_B, BLOCK_I, JP, DP]
+GPU_WARPS_LAST = 8
+GPU_STAGES_LAST = 1  # grad pass: no software pipelining (its loop body is long, smem is not)
+# Register ceiling given to ptxas. Without one it caps some of these kernels at 64 or 128
+# registers and spills to raise occupancy (ptxas -v, sm_90, triton 3.8's ptxas); the fused
+# passes are compute-bound with long dependency-free FMA chains, so no spills wins.
+GPU_MAXNREG = 255
 
 
 @functools.cache
 def _min_dot_k() -> int:
     """The smallest K of an fp32 tl.dot the installed triton compiles for NVIDIA GPUs (16 in
     triton 3.6, 8 in 3.8), asked of its backend; 16 if it cannot say. The contractions pad Din,
-    J D and the last pass's sample block up to it with masked zeros."""
+    J D and the grad pass's sample block up to it with masked zeros."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.backends.nvidia.compiler import min_dot_size
@@ -295,40 +258,6 @@ def _dot_k(K: int) -> int:
     return max(triton.next_power_of_2(K), _min_dot_k())
 
 
-# GPU tiles (a first design, not tuned on hardware; docs/gpu.md says how to time it), chosen so
-# that ptxas (sm_90, triton 3.6 and 3.8) allocates without spills at the paper shape.
-GPU_BLOCK_B = 16  # routing passes: samples per program (W is re-read once per sample block)
-GPU_W_TILE = 2048  # routing passes: values of a W chunk [BLOCK_I, KD, JP * DP] (staged in smem)
-GPU_BLOCK_B_LAST = 8  # last pass: samples per block (at least the dot's minimum K)
-GPU_BLOCK_I_LAST = 2  # last pass: input capsules per program (their W and dW stay on chip)
-GPU_TILE_LAST = 4096  # last pass: values of a u_hat tile [BLOCK_B, BLOCK_I, JP, DP]
-GPU_WARPS_LAST = 8
-GPU_STAGES_LAST = 1  # last pass: no software pipelining (its loop body is long, smem is not)
-# Register ceiling given to ptxas. Without one it caps some of these kernels at 64 or 128
-# registers and spills to raise occupancy (ptxas -v, sm_90, triton 3.8's ptxas); the fused
-# passes are compute-bound with long dependency-free FMA chains, so no spills wins.
-GPU_MAXNREG = 255
-
-
-def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
-    """Launch geometry. CAPSFAST_FUSED_TILES overrides the choice (tests use it):
-    "block_b,block_i,i_per_prog" sets the tiles of every pass, "gpu:<SMs>" picks the GPU geometry
-    for a device with that many SMs."""
-    JP, DP = _padded_jd(J, D)
-    override = os.environ.get("CAPSFAST_FUSED_TILES", "")
-    if override.startswith("gpu:"):
-        return _gpu_tiles(B, I, JP, DP, sms=int(override[4:]))
-    if override:
-        block_b, block_i, i_per_prog = (int(x) for x in override.split(","))
-        return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b, block_i, 4, 4, 1)
-    if interpreted(_fwd_pass_kernel):
-        # The interpreter pays per operation, not per element: few, large tiles.
-        block_b = min(triton.next_power_of_2(B), 16)
-        block_i = min(triton.next_power_of_2(I), max(1, 2**15 // (block_b * JP * DP)))
-        return _geometry(B, I, JP, DP, block_b, block_i, block_i, block_b, block_i, 4, 4, 1)
-    return _gpu_tiles(B, I, JP, DP, sms=common.sm_count(device))
-
-
 def _padded_jd(J: int, D: int) -> tuple[int, int]:
     """J and D padded to powers of two, D further so that J D reaches the dot's minimum K (the
     contraction du = du_hat W^T runs over the J D outputs of a capsule)."""
@@ -336,12 +265,31 @@ def _padded_jd(J: int, D: int) -> tuple[int, int]:
     return JP, max(DP, triton.cdiv(_min_dot_k(), JP))
 
 
-def _gpu_tiles(B: int, I: int, JP: int, DP: int, sms: int) -> dict:
-    """GPU geometry. Routing passes: GPU_BLOCK_B samples per program and W chunks of
-    GPU_W_TILE values, with enough i-slices that slices x sample blocks give ~2 programs per SM
-    (the partials [slices, B, J, D] then stay near 2 x SMs x BLOCK_B x J x D values, L2-resident);
-    warps scale with the u_hat tile (2 to 8). Last pass: GPU_BLOCK_I_LAST inputs per program,
-    so I / GPU_BLOCK_I_LAST programs, each walking the batch in blocks of GPU_TILE_LAST values."""
+def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
+    """The tiles a launch uses: the GPU's choice, the interpreter's (few, large tiles), or what
+    CAPSFAST_DIGIT_CAPS_TILES asks for (a key it leaves out takes the interpreter's choice)."""
+    override = common.tile_override(TILES_ENV, ("block_b", "block_i", "i_per_prog"))
+    if "sms" in override:
+        return _gpu_tiles(B, I, J, D, override["sms"])
+    if not override and not interpreted(_digit_caps_fwd_pass_kernel):
+        return _gpu_tiles(B, I, J, D, common.sm_count(device))
+    JP, DP = _padded_jd(J, D)
+    block_b = override.get("block_b") or min(triton.next_power_of_2(B), 16)
+    block_i = override.get("block_i") or min(
+        triton.next_power_of_2(I), max(1, INTERPRETER_TILE // (block_b * JP * DP))
+    )
+    i_per_prog = override.get("i_per_prog") or block_i
+    return _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b, block_i, 4, 4, 1)
+
+
+def _gpu_tiles(B: int, I: int, J: int, D: int, sms: int) -> dict:
+    """The GPU's choice for a device with `sms` SMs. Routing passes: GPU_BLOCK_B samples per
+    program and W chunks of GPU_W_TILE values, with enough i-slices that slices x sample blocks
+    give ~2 programs per SM (the partials [slices, B, J, D] then stay near 2 x SMs x BLOCK_B x J x
+    D values, L2-resident); warps scale with the u_hat tile (2 to 8). Grad pass:
+    GPU_BLOCK_I_LAST inputs per program, so I / GPU_BLOCK_I_LAST programs, each walking the batch
+    in blocks of GPU_TILE_LAST values."""
+    JP, DP = _padded_jd(J, D)
     KD = _dot_k(1)
     block_b = min(triton.next_power_of_2(B), GPU_BLOCK_B)
     block_i = min(triton.next_power_of_2(I), max(1, GPU_W_TILE // (KD * JP * DP)))
@@ -349,7 +297,7 @@ def _gpu_tiles(B: int, I: int, JP: int, DP: int, sms: int) -> dict:
     n_chunks = triton.cdiv(I, block_i)
     n_slices = min(n_chunks, triton.cdiv(2 * sms, triton.cdiv(B, block_b)))
     i_per_prog = triton.cdiv(n_chunks, n_slices) * block_i
-    # Last pass: its dW contraction runs over the sample block, so BLOCK_B reaches the dot's
+    # Grad pass: its dW contraction runs over the sample block, so BLOCK_B reaches the dot's
     # minimum K (8, or 16 under triton 3.6); then as many inputs as GPU_TILE_LAST allows (the
     # state is re-read once per program: more inputs per program, fewer re-reads).
     block_b_last = max(_min_dot_k(), min(triton.next_power_of_2(B), GPU_BLOCK_B_LAST))
@@ -363,6 +311,8 @@ def _gpu_tiles(B: int, I: int, JP: int, DP: int, sms: int) -> dict:
 
 def _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_last, block_i_last, warps,
               warps_last, stages_last):  # fmt: skip
+    """Tile sizes (rounded up to powers of two) and the grids: (i-slice, sample block) for the
+    routing passes, (i-chunk,) for the grad pass."""
     block_b = triton.next_power_of_2(block_b)
     block_i = triton.next_power_of_2(block_i)
     block_b_last = max(triton.next_power_of_2(block_b_last), _min_dot_k())  # dW's dot: K = BB
@@ -387,6 +337,11 @@ def _geometry(B, I, JP, DP, block_b, block_i, i_per_prog, block_b_last, block_i_
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Cost model (docs/routing.md, Sections 6 and 7; the shared model is kernels.common.pass_costs)
+# ---------------------------------------------------------------------------------------------
+
+
 def pass_costs(
     B: int,
     I: int,
@@ -404,15 +359,15 @@ def pass_costs(
 ) -> dict:
     """Bytes and FLOPs of every launch of digit_caps_fused on u [B, I, Din] of `dtype` and W
     [I, J, D, Din] of `w_dtype` (default `dtype`; fp32 for an AMP master W), forward and the
-    backward unless backward=False, with the GPU geometry for a device with `sms` SMs (132: H100);
-    the model is kernels.common.pass_costs. "l2_bytes" counts W once per sample block and pass
-    and the state once per last-pass program. FLOPs count the contraction over Din unpadded."""
+    backward unless backward=False, with the GPU tiles for a device with `sms` SMs (132: H100).
+    A pass over i reads u and W once each ("l2_bytes": W once per sample block and pass, the
+    state once per grad-pass program); FLOPs count the contraction over Din unpadded."""
     eu = torch.empty((), dtype=dtype).element_size()
     ew = torch.empty((), dtype=w_dtype or dtype).element_size()
-    g = _gpu_tiles(B, I, *_padded_jd(J, D), sms=sms)
+    g = _gpu_tiles(B, I, J, D, sms)
     u_bytes, w_bytes = B * I * Din * eu, I * J * D * Din * ew
-    names = dict(fwd="_fwd_pass_kernel", bwd="_bwd_pass_kernel", last="_pose_grad_kernel",
-                 last_pass="du, dW")  # fmt: skip
+    names = dict(fwd="_digit_caps_fwd_pass_kernel", bwd="_digit_caps_bwd_pass_kernel",
+                 last="_digit_caps_grad_pass_kernel", last_pass="du, dW")  # fmt: skip
     return common.pass_costs(
         B, I, J, D, T, detach_inner, bias, out_bytes=eu, n_slices=g["n_slices"],
         pass_bytes=u_bytes + w_bytes, pass_l2=u_bytes + g["n_blocks"] * w_bytes,
@@ -421,19 +376,22 @@ def pass_costs(
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------
-# Launch wrappers (they trust their callers: digit_caps_fused validates)
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Launchers (they trust their callers: digit_caps_fused validates)
+# ---------------------------------------------------------------------------------------------
 
 
-def _forward(u: Tensor, W: Tensor, bias: Tensor | None, T: int):
+def digit_caps_forward(u: Tensor, W: Tensor, bias: Tensor | None, iterations: int):
+    """Launch the forward passes; returns v (u's dtype), S and Vprev ([T, B, J, D] fp32)."""
+    u, W = u.contiguous(), W.contiguous()
     B, I, K = u.shape
     J, D = W.shape[1], W.shape[2]
+    T = iterations
     dev = u.device
     g = _tiles(B, I, J, D, dev)
     f32 = torch.float32
     part = buffer((g["n_slices"], B, J, D), f32, dev)
-    s_all = buffer((T, B, J, D), f32, dev)
+    S = buffer((T, B, J, D), f32, dev)
     Vprev = buffer((T, B, J, D), f32, dev)
     Vprev[0].zero_()  # V_0 = 0: uniform coupling in the first iteration
     v = buffer((B, J, D), u.dtype, dev)
@@ -442,23 +400,27 @@ def _forward(u: Tensor, W: Tensor, bias: Tensor | None, T: int):
     pad = dict(K=K, KD=_dot_k(K))
     with common.on_device(dev):
         for t in range(1, T + 1):
-            _fwd_pass_kernel[(g["n_slices"], g["n_blocks"])](
+            _digit_caps_fwd_pass_kernel[(g["n_slices"], g["n_blocks"])](
                 u, W, Vprev[t - 1], part, B, I, J, D, g["I_PER_PROG"], g["N_CHUNKS"], **pad,
                 **tiles, num_warps=g["num_warps"], maxnreg=GPU_MAXNREG,
             )  # fmt: skip
             last = t == T
             fwd_finish_kernel[(triton.cdiv(B, fb),)](
                 part, g["n_slices"], bias if bias is not None else part, Vprev[t - 1],
-                Vprev[t - 1] if last else Vprev[t], s_all[t - 1], v, B, J, D,
+                Vprev[t - 1] if last else Vprev[t], S[t - 1], v, B, J, D,
                 HAS_BIAS=bias is not None, LAST=last, EPS=SQUASH_EPS, BLOCK_B=fb, JP=g["JP"],
                 DP=g["DP"],
             )  # fmt: skip
-    return v, s_all, Vprev
+    return v, S, Vprev
 
 
-def _backward(grad_v, u, W, bias, s_all, Vprev, T: int, detach_inner: bool):
+def digit_caps_backward(grad_v, u, W, bias, S, Vprev, iterations: int, detach_inner: bool):
+    """Launch the backward passes; returns du (u's dtype), dW (W's dtype) and d(bias) (the
+    bias's dtype; fp32 zeros if there is no bias)."""
+    u, W = u.contiguous(), W.contiguous()
     B, I, K = u.shape
     J, D = W.shape[1], W.shape[2]
+    T = iterations
     dev = u.device
     g = _tiles(B, I, J, D, dev)
     f32 = torch.float32
@@ -471,21 +433,21 @@ def _backward(grad_v, u, W, bias, s_all, Vprev, T: int, detach_inner: bool):
     dW = buffer(W.shape, W.dtype, dev)
     tau0 = T - 1 if detach_inner else 0
     with common.on_device(dev):
-        # G_T from the incoming gradient (a single "partial").
+        # G_T = squash_bwd(s_T, dL/dv_T): the incoming gradient is the single "partial".
         bwd_finish_kernel[(triton.cdiv(B, fb),)](
-            grad_v.contiguous(), 1, s_all[T - 1], G[T - 1], B, J, D, **finish
+            grad_v.contiguous(), 1, S[T - 1], G[T - 1], B, J, D, **finish
         )
         if not detach_inner:
             part = buffer((g["n_slices"], B, J, D), f32, dev)
             for t in range(T, 1, -1):  # dL/dv_{t-1}, then G_{t-1}
-                _bwd_pass_kernel[(g["n_slices"], g["n_blocks"])](
+                _digit_caps_bwd_pass_kernel[(g["n_slices"], g["n_blocks"])](
                     u, W, Vprev, G, part, B, I, J, D, g["I_PER_PROG"], g["N_CHUNKS"],
                     t=t, T=T, **pad, **tiles, num_warps=g["num_warps"], maxnreg=GPU_MAXNREG,
                 )  # fmt: skip
                 bwd_finish_kernel[(triton.cdiv(B, fb),)](
-                    part, g["n_slices"], s_all[t - 2], G[t - 2], B, J, D, **finish
+                    part, g["n_slices"], S[t - 2], G[t - 2], B, J, D, **finish
                 )
-        _pose_grad_kernel[(g["n_slices_final"],)](
+        _digit_caps_grad_pass_kernel[(g["n_slices_final"],)](
             u, W, Vprev, G, du, dW, B, I, J, D, g["n_blocks_final"],
             TAU0=tau0, T=T, DETACH=detach_inner, **pad, BLOCK_B=g["BLOCK_B_LAST"],
             BLOCK_I=g["BLOCK_I_LAST"], JP=g["JP"], DP=g["DP"], num_warps=g["num_warps_last"],
@@ -498,45 +460,45 @@ def _backward(grad_v, u, W, bias, s_all, Vprev, T: int, detach_inner: bool):
     return du, dW, dbias
 
 
-# ----------------------------------------------------------------------------------------------
-# The custom ops and their registrations
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Custom op: forward and backward ops, their fakes, the autograd rule
+# ---------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("capsfast::digit_caps", mutates_args=())
-def _digit_caps_op(
+def digit_caps_op(
     u: Tensor, W: Tensor, bias: Tensor | None, iterations: int, detach_inner: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (v [B, J, D] in u's dtype, s_all [T, B, J, D] fp32, Vprev_all [T, B, J, D] fp32);
-    the last two are saved for backward and are not differentiable."""
-    return _forward(u.contiguous(), W.contiguous(), bias, iterations)
+    """v [B, J, D] (u's dtype), and for the backward S (s_t) and Vprev (V_{t-1}),
+    [T, B, J, D] fp32. detach_inner does not change the forward; it is an argument for the
+    backward."""
+    return digit_caps_forward(u, W, bias, iterations)
 
 
-@_digit_caps_op.register_fake
-def _(u, W, bias, iterations, detach_inner):
+@digit_caps_op.register_fake
+def _forward_fake(u, W, bias, iterations, detach_inner):
     B, J, D = u.shape[0], W.shape[1], W.shape[2]
     state = u.new_empty((iterations, B, J, D), dtype=torch.float32)
     return u.new_empty((B, J, D)), state, torch.empty_like(state)
 
 
 @torch.library.custom_op("capsfast::digit_caps_backward", mutates_args=())
-def _digit_caps_backward_op(
+def digit_caps_backward_op(
     grad_v: Tensor,
     u: Tensor,
     W: Tensor,
     bias: Tensor | None,
-    s_all: Tensor,
+    S: Tensor,
     Vprev: Tensor,
     iterations: int,
     detach_inner: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (du in u's dtype, dW in W's dtype, dbias in bias's dtype; fp32 zeros if no bias)."""
-    u, W = u.contiguous(), W.contiguous()
-    return _backward(grad_v, u, W, bias, s_all, Vprev, iterations, detach_inner)
+    """du (u's dtype), dW (W's dtype) and d(bias) (the bias's dtype; fp32 zeros if no bias)."""
+    return digit_caps_backward(grad_v, u, W, bias, S, Vprev, iterations, detach_inner)
 
 
-@_digit_caps_backward_op.register_fake
-def _(grad_v, u, W, bias, s_all, Vprev, iterations, detach_inner):
+@digit_caps_backward_op.register_fake
+def _backward_fake(grad_v, u, W, bias, S, Vprev, iterations, detach_inner):
     J, D = W.shape[1], W.shape[2]
     dbias = W.new_empty((J, D), dtype=bias.dtype if bias is not None else torch.float32)
     return torch.empty_like(u), torch.empty_like(W), dbias
@@ -544,26 +506,28 @@ def _(grad_v, u, W, bias, s_all, Vprev, iterations, detach_inner):
 
 def _setup_context(ctx, inputs, output):
     u, W, bias, iterations, detach_inner = inputs
-    _, s_all, Vprev = output
-    ctx.save_for_backward(u, W, bias, s_all, Vprev)
+    _v, S, Vprev = output
+    ctx.save_for_backward(u, W, bias, S, Vprev)
     ctx.iterations, ctx.detach_inner = iterations, detach_inner
-    ctx.mark_non_differentiable(s_all, Vprev)
+    ctx.mark_non_differentiable(S, Vprev)
 
 
-def _backward_rule(ctx, grad_v, _grad_s, _grad_V):
-    u, W, bias, s_all, Vprev = ctx.saved_tensors
-    du, dW, dbias = _digit_caps_backward_op(
-        grad_v, u, W, bias, s_all, Vprev, ctx.iterations, ctx.detach_inner
+def _autograd_backward(ctx, grad_v, _grad_S, _grad_Vprev):
+    u, W, bias, S, Vprev = ctx.saved_tensors
+    du, dW, dbias = digit_caps_backward_op(
+        grad_v, u, W, bias, S, Vprev, ctx.iterations, ctx.detach_inner
     )
     return du, dW, (dbias if bias is not None else None), None, None
 
 
-_digit_caps_op.register_autograd(_backward_rule, setup_context=_setup_context)
+digit_caps_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# No autocast kernel, on purpose: the inputs reach the op as they are (docs/routing.md, Section 7,
+# "Autocast"; both ops follow this rule).
 
 
-# ----------------------------------------------------------------------------------------------
-# Public entry point
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Public entry
+# ---------------------------------------------------------------------------------------------
 
 
 def digit_caps_fused(
@@ -575,7 +539,7 @@ def digit_caps_fused(
     detach_inner: bool = False,
 ) -> Tensor:
     """DigitCaps with u_hat = W u formed on chip: u [B, I, Din], W [I, J, D, Din], bias [J, D]
-    or None -> v [B, J, D] in u's dtype. See the module docstring for the algorithm. The one
+    or None -> v [B, J, D] in u's dtype; the algorithm is in docs/routing.md, Section 7. The one
     place its arguments are checked (capsfast.routing.digit_caps dispatches here unchecked)."""
     op = "digit_caps_fused"
     check_digit_caps_args(u, W, op=op)
@@ -597,7 +561,7 @@ def digit_caps_fused(
     for name, x in (("W", W), ("bias", bias)):
         if x is not None and x.device != u.device:
             raise ValueError(f"{op}: {name} is on {x.device}, u on {u.device}")
-    common.check_device(u.device, _fwd_pass_kernel, op, instead)
+    common.check_device(u.device, _digit_caps_fwd_pass_kernel, op, instead)
     bias = None if bias is None else bias.contiguous()
-    v, _, _ = _digit_caps_op(u, W, bias, int(iterations), bool(detach_inner))
+    v, _S, _Vprev = digit_caps_op(u, W, bias, int(iterations), bool(detach_inner))
     return v

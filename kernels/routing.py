@@ -1,60 +1,36 @@
-"""Routing by agreement in fused Triton kernels, forward and backward (docs/routing.md).
+"""Routing by agreement in fused Triton kernels: u_hat [B, I, J, D] -> v [B, J, D], and back.
 
-One sample, T iterations, u = u_hat [I, J, D], optional bias beta [J, D]:
-
-    V_0 = 0
-    for t = 1..T:
-        c_t[i, j] = softmax_j <u[i, j], V_{t-1}[j]>       # b_{t-1} = <u, V_{t-1}>, never stored
-        s_t[j]    = sum_i c_t[i, j] u[i, j] + beta[j]
-        v_t       = squash(s_t);  V_t = V_{t-1} + v_t
-    return v_T
-
-Every per-(i, j) quantity (b, c, c * u and, in the backward, gamma, P, Bbar) lives only in
-registers: a pass loads a tile of u, recomputes what it needs from the small per-sample state
-([J, D] per sample and iteration, loaded once per program before its walk over i) and reduces over
-i. A pass runs on a grid of (sample, i-slice); each program writes a [J, D] partial sum and a small
-per-sample kernel (kernels/common.py) adds the partials in a fixed order (deterministic, no
-atomics) and applies squash or its backward. The math on chip (coupling, softmax_bwd, squash,
-squash_bwd, logit_grad, u_hat_grad_step) is shared with the fused DigitCaps op (kernels/common.py);
-here its tiles have a sample axis of 1.
-
-    forward   T x (pass + finish)                       saves s_t and V_{t-1}: [T, B, J, D] fp32
-    backward  finish(G_T); (T-1) x (pass + finish); du  full gradient through every iteration
-              finish(G_T); du                           detach_inner: c_T is a constant
-
-Bytes and FLOPs: each kernel's comment block states its own, per sample (E = I J D values of
-u_hat of e bytes, m = J D, fp32 state, n partial sums per sample = i-slices); `pass_costs` adds
-them up for a shape (the model is kernels.common.pass_costs) and bench/test_routing.py records
-them. The passes over i are memory-bound (about 4 FLOPs per byte of bf16 u_hat): u_hat is read 2T
-times and du written once (full gradient), read T + 1 times (detach_inner).
+The math (the forward, the full-gradient and detach_inner backward), the passes and the cost model
+are in docs/routing.md, Sections 3-6. In short: every per-(i, j) quantity lives only in registers;
+a pass over i runs on a grid of (sample, i-slice), each program loading its sample's small state
+once, walking its i-slice in tiles of u_hat and writing a [J, D] partial sum; a finishing kernel
+per sample (kernels/common.py) adds the partials in a fixed order (deterministic, no atomics) and
+applies squash or its backward. The routing math on chip is shared with the fused DigitCaps op
+(kernels/common.py); here its tiles have a sample axis of 1.
 
 All arithmetic is fp32 whatever the input dtype (fp32, bf16, fp16); v and du come back in u_hat's
 dtype, d(bias) in the bias's dtype. float64 is rejected: use impl="torch" (it computes in float64).
 
-Public API:
-    route_triton(u_hat, iterations, bias=None, detach_inner=False) -> v     (autograd-aware)
-    triton_available(device) -> (ok, reason)                          (for --routing auto fallback)
-    pass_costs(B, I, J, D, Din, T, dtype, detach_inner, bias)         (bytes and FLOPs per pass)
-    torch.ops.capsfast.route / torch.ops.capsfast.route_backward      (the custom ops)
+Public: route_triton (autograd-aware), triton_available (for --routing auto), pass_costs (bytes
+and FLOPs per launch), the custom ops capsfast::route and capsfast::route_backward. Environment:
+CAPSFAST_ROUTE_TILES overrides the tiles, CAPSFAST_POISON fills buffers with NaN
+(docs/environment.md).
 
-Debugging knobs (read at call time):
-    CAPSFAST_POISON=1            fill every output and scratch buffer with NaN before the kernels
-                                 run, so an element a kernel forgets to write shows up (tests).
-    CAPSFAST_ROUTING_BLOCK_I=n   rows of i per tile (a power of two)
-    CAPSFAST_ROUTING_SLICES=n    i-slices per sample (programs per sample in a pass)
+Sections, in the order kernels/digit_caps.py has them too: jit helpers, kernels, tile choice, cost
+model, launchers, custom op (fake, autograd rule), public entry, probe.
 """
 
 # ruff: noqa: E741  (I, J, D, B, T: the notation of docs/routing.md)
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from capsfast.kernels import common
 from capsfast.kernels.common import (
+    INTERPRETER_TILE,
     buffer,
     bwd_finish_kernel,
     coupling,
@@ -72,23 +48,28 @@ from capsfast.routing import SQUASH_EPS, check_route_args
 
 __all__ = ["pass_costs", "route_triton", "triton_available"]
 
+TILES_ENV = "CAPSFAST_ROUTE_TILES"  # block_i=n,slices=n or sms=N (docs/environment.md)
+
 # ---------------------------------------------------------------------------------------------
-# Tiles of u_hat (a sample axis of 1: the shared math works on [BB, BI, JP, DP])
+# Jit helpers: a chunk of u_hat (a sample axis of 1: the shared math works on [BB, BI, JP, DP])
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _u_hat_offsets(b, offs_i, I, J, D, JP: tl.constexpr, DP: tl.constexpr):
-    """Offsets and mask of u_hat[b, offs_i, :, :] as [1, BI, JP, DP]: rows of D contiguous values."""
+def _load_u_hat(u_ptr, b, offs_i, I, J, D, JP: tl.constexpr, DP: tl.constexpr):
+    """u_hat[b, offs_i] as fp32 [1, BI, JP, DP] (zero outside), with its offsets and mask (the
+    grad pass stores du through them): rows of D contiguous values."""
     offs_j = tl.arange(0, JP)
     offs_d = tl.arange(0, DP)
     offs = (offs_i[:, None, None] * J + offs_j[None, :, None]) * D + offs_d[None, None, :]
     ok = (offs_i < I)[:, None, None] & (offs_j < J)[None, :, None] & (offs_d < D)[None, None, :]
-    return (b.to(tl.int64) * I * J * D + offs)[None, :, :, :], ok[None, :, :, :]
+    offs, ok = (b.to(tl.int64) * I * J * D + offs)[None, :, :, :], ok[None, :, :, :]
+    u_hat = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    return u_hat, offs, ok
 
 
 @triton.jit
-def _sample(B):
+def _samples(B):
     """This program's sample b as a block of one: (b, offs_b [1], b_ok [1])."""
     b = tl.program_id(0)
     offs_b = b.to(tl.int64) + tl.zeros((1,), dtype=tl.int64)
@@ -96,7 +77,7 @@ def _sample(B):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# Kernels (what each launch reads, writes and costs: docs/routing.md, Sections 5 and 6)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -106,29 +87,22 @@ def _sample(B):
 #   grid      (B, n_slices): a program owns sample b and i-slice n = [n * I_PER_PROG, ...),
 #             walked in N_CHUNKS tiles of BLOCK_I rows; V_{t-1} loaded once
 #   saves     nothing (the partials are scratch, reduced by fwd_finish_kernel)
-#   bytes     reads E e + 4 m, writes 4 n m                     FLOPs 4 E + 5 I J
 @triton.jit
 def _route_fwd_pass_kernel(
     u_ptr, Vprev_ptr, part_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
     BLOCK_I: tl.constexpr, JP: tl.constexpr, DP: tl.constexpr,
 ):  # fmt: skip
-    b, offs_b, b_ok = _sample(B)
+    b, offs_b, b_ok = _samples(B)
     n = tl.program_id(1)
     j_ok = tl.arange(0, JP) < J
     V = load_rows(Vprev_ptr, offs_b, b_ok, J, D, JP, DP)  # [1, JP, DP]
     s = tl.zeros((1, JP, DP), dtype=tl.float32)
     for chunk in range(0, N_CHUNKS):
         offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        offs, ok = _u_hat_offsets(b, offs_i, I, J, D, JP, DP)
-        u_hat = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        u_hat, _, _ = _load_u_hat(u_ptr, b, offs_i, I, J, D, JP, DP)
         c = coupling(u_hat, V, j_ok)
         s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
     store_rows(part_ptr + n * B * J * D, s, offs_b, b_ok, J, D, JP, DP)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward
-# ---------------------------------------------------------------------------------------------
 
 
 # Backward pass for dL/dv_{t-1} (full gradient only; t = T..2, one launch each).
@@ -137,15 +111,14 @@ def _route_fwd_pass_kernel(
 #             c_tau recomputed from u and V_{tau-1}, G_tau already final for tau >= t
 #   grid      (B, n_slices), as the forward pass; the 2 (T - t + 1) state matrices of the
 #             sample are loaded once per program
-#   saves     nothing
-#   bytes     reads E e + 8 N m, writes 4 n m (N = T - t + 1)   FLOPs N (4 E + 10 I J) + 2 E
+#   saves     nothing (bwd_finish_kernel turns the partials into G_{t-1})
 @triton.jit
 def _route_bwd_pass_kernel(
     u_ptr, Vprev_ptr, G_ptr, part_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
     t: tl.constexpr, T: tl.constexpr, BLOCK_I: tl.constexpr, JP: tl.constexpr,
     DP: tl.constexpr,
 ):  # fmt: skip
-    b, offs_b, b_ok = _sample(B)
+    b, offs_b, b_ok = _samples(B)
     n = tl.program_id(1)
     j_ok = tl.arange(0, JP) < J
     Vs = load_state(Vprev_ptr, offs_b, b_ok, B, J, D, t - 1, T, JP, DP)
@@ -153,28 +126,25 @@ def _route_bwd_pass_kernel(
     dv = tl.zeros((1, JP, DP), dtype=tl.float32)
     for chunk in range(0, N_CHUNKS):
         offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        offs, ok = _u_hat_offsets(b, offs_i, I, J, D, JP, DP)
-        u_hat = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        u_hat, _, _ = _load_u_hat(u_ptr, b, offs_i, I, J, D, JP, DP)
         Bbar = logit_grad(u_hat, Vs, Gs, j_ok, T - t + 1)
         dv += tl.sum(Bbar[:, :, :, None] * u_hat, axis=1)
     store_rows(part_ptr + n * B * J * D, dv, offs_b, b_ok, J, D, JP, DP)
 
 
-# Backward pass that writes du (last launch of the backward).
+# Grad pass: the input gradient du (the last launch of the backward).
 #   computes  du[i, j] = sum_{t > TAU0} c_t[i, j] G_t[j] + P_t[i, j] V_{t-1}[j]
 #             (common.u_hat_grad_step); TAU0 = 0 is the full gradient, DETACH (TAU0 = T - 1) is
 #             detach_inner: du = c_T G_T
 #   grid      (B, n_slices), as the forward pass; the sample's state loaded once per program
 #   saves     nothing; du written in du's dtype
-#   bytes     reads E e + 4 (2T - 1) m, writes E e              FLOPs 2 E + (T - 1) (8 E + 9 I J)
-#             (detach_inner: reads E e + 8 m, FLOPs 4 E + 5 I J; t = 1 needs no logits: c_1 = 1/J)
 @triton.jit
-def _route_bwd_du_kernel(
+def _route_grad_pass_kernel(
     u_ptr, Vprev_ptr, G_ptr, du_ptr, B, I, J, D, I_PER_PROG, N_CHUNKS,
     TAU0: tl.constexpr, T: tl.constexpr, DETACH: tl.constexpr, BLOCK_I: tl.constexpr,
     JP: tl.constexpr, DP: tl.constexpr,
 ):  # fmt: skip
-    b, offs_b, b_ok = _sample(B)
+    b, offs_b, b_ok = _samples(B)
     n = tl.program_id(1)
     j_ok = tl.arange(0, JP) < J
     V0: tl.constexpr = TAU0 + (TAU0 == 0)  # V_0 = 0 is never read
@@ -182,8 +152,7 @@ def _route_bwd_du_kernel(
     Gs = load_state(G_ptr, offs_b, b_ok, B, J, D, TAU0, T, JP, DP)
     for chunk in range(0, N_CHUNKS):
         offs_i = n * I_PER_PROG + chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        offs, ok = _u_hat_offsets(b, offs_i, I, J, D, JP, DP)
-        u_hat = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        u_hat, offs, ok = _load_u_hat(u_ptr, b, offs_i, I, J, D, JP, DP)
         du_hat = tl.zeros(u_hat.shape, dtype=tl.float32)
         for tau in tl.static_range(TAU0, T):
             G = Gs[tau - TAU0]
@@ -193,19 +162,8 @@ def _route_bwd_du_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch geometry and costs
+# Tile choice
 # ---------------------------------------------------------------------------------------------
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if not value:
-        return None
-    n = int(value)
-    if n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return n
-
 
 # GPU tile: values of u_hat per [BLOCK_I, JP, DP] tile, 8 fp32 registers per thread and tile at
 # 4 warps, so that triton 3.6's ptxas allocates the backward passes without spills and with
@@ -213,22 +171,39 @@ def _env_int(name: str) -> int | None:
 GPU_TILE = 1024
 
 
-def _tiling(B: int, I: int, J: int, D: int, programs: int, gpu: bool) -> dict:
+def _tiles(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
+    """The tiles a launch uses: the GPU's choice, the interpreter's (one program at a time: few,
+    large tiles), or what CAPSFAST_ROUTE_TILES asks for."""
+    override = common.tile_override(TILES_ENV, ("block_i", "slices"))
+    if "sms" in override:
+        return _gpu_tiles(B, I, J, D, override["sms"])
+    if interpreted(_route_fwd_pass_kernel):
+        return _geometry(B, I, J, D, INTERPRETER_TILE, programs=1, **override)
+    return _gpu_tiles(B, I, J, D, common.sm_count(device), **override)
+
+
+def _gpu_tiles(B: int, I: int, J: int, D: int, sms: int, **override) -> dict:
+    """The GPU's choice for a device with `sms` SMs: tiles of GPU_TILE values, enough i-slices
+    for about 4 programs per SM."""
+    return _geometry(B, I, J, D, GPU_TILE, programs=4 * sms, **override)
+
+
+def _geometry(B, I, J, D, tile_values, programs, block_i=None, slices=None) -> dict:
     """Tile sizes and the (sample, i-slice) grid.
 
     JP, DP: J and D padded to powers of two (masked). BLOCK_I: rows of i per tile, so that a
-    [BLOCK_I, JP, DP] fp32 tile holds GPU_TILE values on the GPU and 32K under the interpreter. n_slices: i-slices per sample, enough for
-    B * n_slices to reach `programs`; each program walks N_CHUNKS tiles of its slice.
+    [BLOCK_I, JP, DP] fp32 tile holds `tile_values` values. n_slices: i-slices per sample, enough
+    for B * n_slices to reach `programs`; each program walks N_CHUNKS tiles of its slice.
+    block_i and slices, when given, replace the choice (a power of two, any count).
     """
     JP = triton.next_power_of_2(J)
     DP = triton.next_power_of_2(D)
-    tile_values = GPU_TILE if gpu else 32768
-    BLOCK_I = _env_int("CAPSFAST_ROUTING_BLOCK_I") or max(1, tile_values // (JP * DP))
+    BLOCK_I = block_i or max(1, tile_values // (JP * DP))
     if BLOCK_I & (BLOCK_I - 1):
-        raise ValueError(f"CAPSFAST_ROUTING_BLOCK_I must be a power of two, got {BLOCK_I}")
+        raise ValueError(f"{TILES_ENV}: block_i must be a power of two, got {BLOCK_I}")
     BLOCK_I = min(BLOCK_I, triton.next_power_of_2(I))
     n_blocks = triton.cdiv(I, BLOCK_I)
-    n_slices = _env_int("CAPSFAST_ROUTING_SLICES") or triton.cdiv(programs, max(B, 1))
+    n_slices = slices or triton.cdiv(programs, max(B, 1))
     n_slices = min(n_slices, n_blocks)
     n_chunks = triton.cdiv(n_blocks, n_slices)
     n_slices = triton.cdiv(n_blocks, n_chunks)  # no empty slice
@@ -242,10 +217,9 @@ def _tiling(B: int, I: int, J: int, D: int, programs: int, gpu: bool) -> dict:
     )
 
 
-def _launch_tiling(B: int, I: int, J: int, D: int, device: torch.device) -> dict:
-    if interpreted(_route_fwd_pass_kernel):
-        return _tiling(B, I, J, D, programs=1, gpu=False)  # the interpreter runs programs in turn
-    return _tiling(B, I, J, D, programs=4 * common.sm_count(device), gpu=True)
+# ---------------------------------------------------------------------------------------------
+# Cost model (docs/routing.md, Section 6; the shared model is kernels.common.pass_costs)
+# ---------------------------------------------------------------------------------------------
 
 
 def pass_costs(
@@ -263,15 +237,15 @@ def pass_costs(
     sms: int = 132,
 ) -> dict:
     """Bytes and FLOPs of every launch of route_triton on u_hat [B, I, J, D] of `dtype` (forward,
-    and the backward unless backward=False), with the GPU geometry for a device with `sms` SMs
-    (132: H100); the model is kernels.common.pass_costs. Din is unused (u_hat is given; the
-    argument keeps one signature with kernels.digit_caps.pass_costs)."""
+    and the backward unless backward=False), with the GPU tiles for a device with `sms` SMs
+    (132: H100). A pass over i reads u_hat once. Din is unused (u_hat is given; the argument keeps
+    one signature with kernels.digit_caps.pass_costs)."""
     del Din
     e = torch.empty((), dtype=dtype).element_size()
-    n = _tiling(B, I, J, D, programs=4 * sms, gpu=True)["n_slices"]
+    n = _gpu_tiles(B, I, J, D, sms)["n_slices"]
     E = B * I * J * D
     names = dict(fwd="_route_fwd_pass_kernel", bwd="_route_bwd_pass_kernel",
-                 last="_route_bwd_du_kernel", last_pass="du")  # fmt: skip
+                 last="_route_grad_pass_kernel", last_pass="du")  # fmt: skip
     return common.pass_costs(
         B, I, J, D, T, detach_inner, bias, out_bytes=e, n_slices=n, pass_bytes=E * e,
         pass_l2=E * e, pose_flops=0, last_bytes=2 * E * e, last_programs=n, names=names,
@@ -280,17 +254,17 @@ def pass_costs(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch wrappers (they trust their callers: route_triton validates)
+# Launchers (they trust their callers: route_triton validates)
 # ---------------------------------------------------------------------------------------------
 
 
-def _route_forward(u_hat, bias, iterations):
+def route_forward(u_hat, bias, iterations):
     """Launch the forward passes; returns v (u_hat's dtype), S and Vprev ([T, B, J, D] fp32)."""
     u = u_hat.contiguous()
     B, I, J, D = u.shape
     T = iterations
     dev = u.device
-    g = _launch_tiling(B, I, J, D, dev)
+    g = _tiles(B, I, J, D, dev)
     ns, blocks = g["n_slices"], dict(JP=g["JP"], DP=g["DP"])
     out = buffer((B, J, D), u.dtype, dev)
     S = buffer((T, B, J, D), torch.float32, dev)
@@ -316,13 +290,13 @@ def _route_forward(u_hat, bias, iterations):
     return out, S, Vprev
 
 
-def _route_backward(grad_v, u_hat, S, Vprev, detach_inner):
+def route_backward(grad_v, u_hat, S, Vprev, detach_inner):
     """Launch the backward passes; returns du (u_hat's dtype) and d(bias) (fp32, [J, D])."""
     u = u_hat.contiguous()
     B, I, J, D = u.shape
     T = S.shape[0]
     dev = u.device
-    g = _launch_tiling(B, I, J, D, dev)
+    g = _tiles(B, I, J, D, dev)
     ns, blocks = g["n_slices"], dict(JP=g["JP"], DP=g["DP"])
     walk = (g["I_PER_PROG"], g["N_CHUNKS"])
     G = buffer((T, B, J, D), torch.float32, dev)  # G_t = dL/ds_t (detach_inner: only G_T)
@@ -348,7 +322,7 @@ def _route_backward(grad_v, u_hat, S, Vprev, detach_inner):
                 bwd_finish_kernel[finish_grid](
                     part, ns, S[t - 2], G[t - 2], B, J, D, EPS=SQUASH_EPS, BLOCK_B=fb, **blocks
                 )
-        _route_bwd_du_kernel[(B, ns)](
+        _route_grad_pass_kernel[(B, ns)](
             u, Vprev, G, du, B, I, J, D, *walk, TAU0=tau0, T=T, DETACH=detach_inner,
             BLOCK_I=g["BLOCK_I"], **blocks,
         )  # fmt: skip
@@ -357,7 +331,7 @@ def _route_backward(grad_v, u_hat, S, Vprev, detach_inner):
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom ops
+# Custom op: forward and backward ops, their fakes, the autograd rule
 # ---------------------------------------------------------------------------------------------
 
 
@@ -368,11 +342,11 @@ def route_op(
     """v [B, J, D] (u_hat's dtype), and for the backward S (s_t) and Vprev (V_{t-1}),
     [T, B, J, D] fp32. detach_inner does not change the forward; it is an argument for the
     backward."""
-    return _route_forward(u_hat, bias, iterations)
+    return route_forward(u_hat, bias, iterations)
 
 
 @route_op.register_fake
-def _route_fake(u_hat, bias, iterations, detach_inner):
+def _forward_fake(u_hat, bias, iterations, detach_inner):
     B, _, J, D = u_hat.shape
     state = u_hat.new_empty((iterations, B, J, D), dtype=torch.float32)
     return u_hat.new_empty((B, J, D)), state, torch.empty_like(state)
@@ -387,11 +361,11 @@ def route_backward_op(
     detach_inner: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """du [B, I, J, D] (u_hat's dtype) and d(bias) [J, D] (fp32) from dL/dv [B, J, D]."""
-    return _route_backward(grad_v, u_hat, S, Vprev, detach_inner)
+    return route_backward(grad_v, u_hat, S, Vprev, detach_inner)
 
 
 @route_backward_op.register_fake
-def _route_backward_fake(grad_v, u_hat, S, Vprev, detach_inner):
+def _backward_fake(grad_v, u_hat, S, Vprev, detach_inner):
     return torch.empty_like(u_hat), u_hat.new_empty(u_hat.shape[2:], dtype=torch.float32)
 
 
@@ -404,20 +378,20 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(S, Vprev)
 
 
-def _backward(ctx, grad_v, _grad_S, _grad_Vprev):
+def _autograd_backward(ctx, grad_v, _grad_S, _grad_Vprev):
     u_hat, S, Vprev = ctx.saved_tensors
     du, dbias = route_backward_op(grad_v, u_hat, S, Vprev, ctx.detach_inner)
     dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
     return du, dbias, None, None
 
 
-route_op.register_autograd(_backward, setup_context=_setup_context)
-# Autocast: see kernels/digit_caps.py, "Autocast"; both ops follow the same rule (no autocast
-# kernel: inputs reach the op as they are).
+route_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# No autocast kernel, on purpose: the inputs reach the op as they are (docs/routing.md, Section 7,
+# "Autocast"; both ops follow this rule).
 
 
 # ---------------------------------------------------------------------------------------------
-# Public entry points
+# Public entry
 # ---------------------------------------------------------------------------------------------
 
 
@@ -443,6 +417,11 @@ def route_triton(
     common.check_device(u_hat.device, _route_fwd_pass_kernel, "route_triton", "impl='torch'")
     v, _S, _Vprev = route_op(u_hat, bias, int(iterations), bool(detach_inner))
     return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe
+# ---------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=8)

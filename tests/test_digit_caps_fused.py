@@ -42,6 +42,7 @@ ODD = dict(I=37, J=7, D=5, Din=3)
 @pytest.fixture(autouse=True)
 def _poison_buffers(monkeypatch):
     monkeypatch.setenv("CAPSFAST_POISON", "1")
+    monkeypatch.delenv("CAPSFAST_DIGIT_CAPS_TILES", raising=False)
 
 
 def make_inputs(B, I, J, D, Din, *, u_dtype, w_dtype, bias, seed):
@@ -170,7 +171,7 @@ def test_several_slices_blocks_and_chunks(monkeypatch, detach_inner):
     """Small forced tiles: 2 sample blocks (one partial), 3 i-slices (the last partial) of 2
     chunks each, so the partials reduction, the dW sum over sample blocks and the masks at every
     edge all run."""
-    monkeypatch.setenv("CAPSFAST_FUSED_TILES", "4,8,16")
+    monkeypatch.setenv("CAPSFAST_DIGIT_CAPS_TILES", "block_b=4,block_i=8,i_per_prog=16")
     args = make_inputs(6, **ODD, u_dtype=torch.float32, w_dtype=torch.float32, bias=True, seed=5)
     check_against_reference(*args, 4, detach_inner)
 
@@ -182,13 +183,12 @@ def test_gpu_geometry(monkeypatch, shape, sms):
     """The launch geometry chosen for a GPU (here for a device with `sms` SMs, so that the small
     shapes still get several slices, chunks and sample blocks), run under the interpreter on CPU
     machines: the CUDA heuristic itself is covered, not only the interpreter's big tiles."""
-    import triton
     from capsfast.kernels.digit_caps import _gpu_tiles
 
     B, I, J, D, Din = shape
-    geometry = _gpu_tiles(B, I, triton.next_power_of_2(J), triton.next_power_of_2(D), sms=sms)
+    geometry = _gpu_tiles(B, I, J, D, sms=sms)
     assert geometry["n_slices"] * geometry["n_blocks"] > 1 and geometry["n_slices_final"] > 1
-    monkeypatch.setenv("CAPSFAST_FUSED_TILES", f"gpu:{sms}")
+    monkeypatch.setenv("CAPSFAST_DIGIT_CAPS_TILES", f"sms={sms}")
     args = make_inputs(
         B, I, J, D, Din, u_dtype=torch.bfloat16, w_dtype=torch.float32, bias=True, seed=9
     )
@@ -197,7 +197,7 @@ def test_gpu_geometry(monkeypatch, shape, sms):
 
 def test_deterministic(monkeypatch):
     """Partials are summed in a fixed order and no atomics are used: two runs agree bitwise."""
-    monkeypatch.setenv("CAPSFAST_FUSED_TILES", "4,8,16")
+    monkeypatch.setenv("CAPSFAST_DIGIT_CAPS_TILES", "block_b=4,block_i=8,i_per_prog=16")
     u, W, beta, grad_v = make_inputs(
         6, **ODD, u_dtype=torch.float32, w_dtype=torch.float32, bias=True, seed=8
     )
@@ -239,8 +239,8 @@ def test_opcheck(bias):
         torch.library.opcheck(torch.ops.capsfast.digit_caps, (u, W, beta, 3, detach_inner))
     u, W = u.detach(), W.detach()
     beta = None if beta is None else beta.detach()
-    v, s_all, Vprev = torch.ops.capsfast.digit_caps(u, W, beta, 3, False)
-    back = (grad_v, u, W, beta, s_all, Vprev, 3, False)
+    v, S, Vprev = torch.ops.capsfast.digit_caps(u, W, beta, 3, False)
+    back = (grad_v, u, W, beta, S, Vprev, 3, False)
     torch.library.opcheck(torch.ops.capsfast.digit_caps_backward, back)
     assert dc.digit_caps_fused(u, W, 3, bias=beta).shape == v.shape
 

@@ -1,4 +1,4 @@
-"""Every Triton kernel, launched as the wrappers launch it, compiles for sm_90 and sm_80 with the
+"""Every Triton kernel, as the launchers launch it, compiles for sm_90 and sm_80 with the
 real GPU compiler (Triton + LLVM + ptxas, no GPU needed) and does not spill registers, under the
 installed triton and the oldest one the package supports.
 
@@ -54,14 +54,14 @@ def test_floor_in_pyproject_is_the_oldest_checked():
 
 
 def test_worker_ran_this_tree_and_the_gpu_path(report):
-    """The worker imported this tree's capsfast, and the wrappers of both modules chose the GPU
+    """The worker imported this tree's capsfast, and the launchers of both modules chose the GPU
     geometry (they asked for the SM count)."""
     assert Path(report["capsfast_file"]).resolve().is_relative_to(ROOT)
     assert set(report["sm_queries"]) >= set(ck.KERNEL_MODULES)
 
 
 def test_every_kernel_was_launched_and_compiled(report):
-    """A `*_kernel` that no wrapper launches in any case would escape the check: fail on it."""
+    """A `*_kernel` that no launcher launches in any case would escape the check: fail on it."""
     assert report["kernels_defined"], "no *_kernel found in the kernel modules"
     never = sorted(set(report["kernels_defined"]) - set(report["kernels_launched"]))
     assert not never, f"never launched: {never}"
@@ -101,8 +101,8 @@ def test_no_register_spills(report):
     assert not spills, "\n".join(spills)
 
 
-# The check's own verdicts, on real ptxas output (triton 3.6, sm_90, digit_caps._bwd_pass_kernel
-# at B=512, bf16 u with fp32 W): cheap, no compile.
+# The check's own verdicts, on real ptxas output (triton 3.6, sm_90, the backward pass kernel of
+# digit_caps, then named _bwd_pass_kernel, at B=512, bf16 u with fp32 W): cheap, no compile.
 PTXAS_SPILLING = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_bwd_pass_kernel' for 'sm_90a'
 ptxas info    : Function properties for _bwd_pass_kernel

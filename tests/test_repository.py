@@ -1,8 +1,8 @@
 """The repository stands on its own: no tracked file points outside it, and every relative link in
 the Markdown documentation (README.md, docs/*.md) reaches a file that exists.
 
-The documents are docs/spec.md, docs/routing.md and docs/gpu.md. The forbidden strings are
-assembled from pieces, so that this file does not match its own patterns.
+The documents are docs/spec.md, docs/routing.md, docs/gpu.md and docs/environment.md. The
+forbidden strings are assembled from pieces, so that this file does not match its own patterns.
 """
 
 import re
@@ -14,12 +14,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-_DOC_NAMES = ("SPEC", "ROUTING", "GPU")  # their upper-case names outside docs/ are gone
+# Their upper-case names outside docs/ are gone.
+_DOC_NAMES = ("SPEC", "ROUTING", "GPU", "ENVIRONMENT")
 OUTSIDE = [
     ("a sibling directory of the checkout", re.compile(re.escape(".." + "/" + "shared"))),
     ("an absolute workspace path", re.compile(re.escape("/" + "work" + "/"))),
     (
-        "a document not in the repository (the docs are docs/spec.md, routing.md, gpu.md)",
+        "a document not in the repository (the docs are docs/spec.md, routing.md, gpu.md, "
+        "environment.md)",
         re.compile(r"\b(?:" + "|".join(_DOC_NAMES) + r")\." + "md" + r"\b"),
     ),
 ]

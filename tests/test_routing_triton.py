@@ -32,8 +32,7 @@ PAPER = (2, 1152, 10, 16)
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("CAPSFAST_POISON", "1")
-    monkeypatch.delenv("CAPSFAST_ROUTING_BLOCK_I", raising=False)
-    monkeypatch.delenv("CAPSFAST_ROUTING_SLICES", raising=False)
+    monkeypatch.delenv(kr.TILES_ENV, raising=False)
 
 
 def assert_close(got, want, dtype, what=""):
@@ -95,15 +94,27 @@ def test_shapes_dtypes(shape, dtype, detach_inner):
 
 
 @pytest.mark.parametrize(
-    "block_i, slices",
-    [(4, 3), (1, 100), (8, 1), (64, 2)],
-    ids=["partial-last-slice", "one-row-tiles", "one-slice", "one-masked-tile"],
-)
-def test_tilings(monkeypatch, block_i, slices):
-    """Other (BLOCK_I, i-slices) splits: masked rows, empty trailing tiles, many partials."""
-    monkeypatch.setenv("CAPSFAST_ROUTING_BLOCK_I", str(block_i))
-    monkeypatch.setenv("CAPSFAST_ROUTING_SLICES", str(slices))
+    "tiles",
+    ["block_i=4,slices=3", "block_i=1,slices=100", "block_i=8,slices=1", "block_i=64,slices=2",
+     "sms=2"],
+    ids=["partial-last-slice", "one-row-tiles", "one-slice", "one-masked-tile", "gpu-tiles"],
+)  # fmt: skip
+def test_tilings(monkeypatch, tiles):
+    """Other (BLOCK_I, i-slices) splits: masked rows, empty trailing tiles, many partials; and
+    the GPU's own choice (for a device with 2 SMs), run here under the interpreter."""
+    monkeypatch.setenv(kr.TILES_ENV, tiles)
     check_against_reference((2, 37, 7, 5), 3, False, True, torch.float32, seed=2)
+
+
+@pytest.mark.parametrize(
+    "value", ["4", "block_i=0", "block_i=x", "slices=2,block_b=4", "sms=2,slices=1", "block_i=3"]
+)
+def test_tile_override_rejects_what_it_cannot_use(monkeypatch, value):
+    """CAPSFAST_ROUTE_TILES: comma-separated key=n of this op's keys (n >= 1, BLOCK_I a power of
+    two), or sms=N alone; anything else is an error, never silently ignored."""
+    monkeypatch.setenv(kr.TILES_ENV, value)
+    with pytest.raises(ValueError, match=kr.TILES_ENV):
+        kr._tiles(2, 37, 7, 5, torch.device(DEVICE))
 
 
 @pytest.mark.parametrize(
@@ -255,7 +266,7 @@ class _CudaCurrentDevice:
 def test_launches_run_on_the_tensors_device(monkeypatch, op):
     """u on cuda:1 while cuda:0 is current: every kernel of the op (forward and backward) must
     launch with cuda:1 current (kernels.common.on_device), and cuda:0 be current again after.
-    No second GPU exists here: the wrappers run on fake tensors that claim cuda:1, with recorders
+    No second GPU exists here: the launchers run on fake tensors that claim cuda:1, with recorders
     in place of the jit kernels (the same capture the compile check uses)."""
     from capsfast.kernels import common
     from capsfast.kernels import digit_caps as kd
@@ -282,13 +293,13 @@ def test_launches_run_on_the_tensors_device(monkeypatch, op):
         bias = torch.empty(10, 16, device=dev)
         if op == "route":
             u_hat = torch.empty(4, 64, 10, 16, device=dev, dtype=torch.bfloat16)
-            v, S, Vprev = kr._route_forward(u_hat, bias, 3)
-            kr._route_backward(torch.empty_like(v), u_hat, S, Vprev, False)
+            v, S, Vprev = kr.route_forward(u_hat, bias, 3)
+            kr.route_backward(torch.empty_like(v), u_hat, S, Vprev, False)
         else:
             u = torch.empty(4, 64, 8, device=dev, dtype=torch.bfloat16)
             W = torch.empty(64, 10, 16, 8, device=dev)
-            v, s_all, Vprev = kd._forward(u, W, bias, 3)
-            kd._backward(torch.empty_like(v), u, W, bias, s_all, Vprev, 3, False)
+            v, S, Vprev = kd.digit_caps_forward(u, W, bias, 3)
+            kd.digit_caps_backward(torch.empty_like(v), u, W, bias, S, Vprev, 3, False)
     assert sorted({name for name, _ in launches}) == kernels  # every kernel of the op launched
     assert {device for _, device in launches} == {1}
     assert _CudaCurrentDevice.current == 0
