@@ -18,6 +18,7 @@ folder names for folder:). Everything is uint8 [N, C, H, W] in host memory; the 
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -272,20 +273,61 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _files_by_class(root: Path, classes: list[str], where: str) -> dict[str, list[Path]]:
-    from torchvision.datasets.folder import make_dataset
-
+def _files_by_class(root: Path, classes: list[str], where: str, warn) -> dict[str, list[Path]]:
+    """The image files of each class folder, at any depth, each file once and under its real
+    path. Links are not followed: a link to a folder could loop (repeating the tree without end)
+    or lead into another class (labelling its images twice); a link to a file inside the class
+    folders names a file read where it really is, and one out of them leads to images that are
+    not part of the data set (a test image linked into train/, say). Every link skipped (and any
+    file met twice) is counted in one warning that names the first few; a broken link is left
+    to the decoder, which counts it as unreadable."""
     extensions = image_extensions()
+    trees = [os.path.realpath(root / c) for c in classes]
+    top = os.path.realpath(root)
 
-    def is_image(path: str) -> bool:
-        p = Path(path)
-        return not p.name.startswith(".") and p.suffix.lower() in extensions
+    def within(outer: str, inner: str) -> bool:  # is `inner` `outer` or below it?
+        return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
-    index = {c: i for i, c in enumerate(classes)}
-    found = make_dataset(str(root), index, is_valid_file=is_image, allow_empty=True)
-    files = {c: [] for c in classes}
-    for path, label in found:
-        files[classes[label]].append(Path(path))
+    def in_tree(real: str) -> bool:
+        return any(within(tree, real) for tree in trees)
+
+    skipped: list[str] = []
+    seen: set[str] = set()
+    files: dict[str, list[Path]] = {c: [] for c in classes}
+    for c, tree in zip(classes, trees, strict=True):
+        if within(tree, top):  # root/c leads back to the data set's folder (or above): a loop
+            skipped.append(f"{root / c} -> {os.readlink(root / c)} (a loop)")
+            continue
+        for here, dirs, names in sorted(os.walk(root / c, followlinks=False)):
+            real_here = os.path.realpath(here)
+            for name in sorted(dirs):  # os.walk lists links to folders here and never enters them
+                path = os.path.join(here, name)
+                if os.path.islink(path):
+                    real = os.path.realpath(path)
+                    why = ("a loop" if within(real, real_here)
+                           else "its files are read where they are" if in_tree(real)
+                           else "out of the class folders")  # fmt: skip
+                    skipped.append(f"{path} -> {os.readlink(path)} ({why})")
+            for name in sorted(names):
+                path = os.path.join(here, name)
+                if name.startswith(".") or Path(name).suffix.lower() not in extensions:
+                    continue
+                real = os.path.realpath(path)
+                if os.path.islink(path) and os.path.exists(path):  # a broken link: unreadable
+                    why = ("the file is read where it is" if in_tree(real)
+                           else "out of the class folders")  # fmt: skip
+                    skipped.append(f"{path} -> {os.readlink(path)} ({why})")
+                    continue
+                if real in seen:  # two class folders that are one folder
+                    skipped.append(f"{path} (read already under another name)")
+                    continue
+                seen.add(real)
+                files[c].append(Path(path))
+    if skipped:
+        shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        warn(f"{where}: skipped {len(skipped)} symbolic link{'s' if len(skipped) > 1 else ''} or "
+             "repeated files (each image is read once, under its real path; links are not "
+             f"followed into a loop or out of the class folders): {shown}")  # fmt: skip
     empty = [c for c in classes if not files[c]]
     if empty:
         raise DataError(
@@ -377,14 +419,15 @@ def load_folder(path, size: int, test_fraction: float = 0.2, warn=print) -> Data
             "classifier needs at least two, one folder of images per class"
         )
     if split:
-        train = _decode(_files_by_class(root / "train", classes, str(root / "train")), classes,
-                        size, warn, str(root / "train"))  # fmt: skip
-        test = _decode(_files_by_class(root / "test", classes, str(root / "test")), classes,
-                       size, warn, str(root / "test"))  # fmt: skip
+        train_dir, test_dir = str(root / "train"), str(root / "test")
+        train = _decode(_files_by_class(root / "train", classes, train_dir, warn), classes, size,
+                        warn, train_dir)  # fmt: skip
+        test = _decode(_files_by_class(root / "test", classes, test_dir, warn), classes, size,
+                       warn, test_dir)  # fmt: skip
         grey = train[2] and test[2]
         (train_x, train_y), (test_x, test_y) = train[:2], test[:2]
     else:
-        x, y, grey = _decode(_files_by_class(root, classes, str(root)), classes, size, warn,
+        x, y, grey = _decode(_files_by_class(root, classes, str(root), warn), classes, size, warn,
                              str(root))  # fmt: skip
         held = _held_out(y, test_fraction)
         if not held.any():
