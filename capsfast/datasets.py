@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -236,6 +237,47 @@ def _load_svhn(root: Path, download: bool) -> Dataset:
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
+# The most pixels a picture may have (PIL's own default limit, 89.5 megapixels: a 108 MP camera's
+# full frame is over it, a 48 MP one is under). Over it, the header is enough to refuse the file:
+# nothing is decoded. Decoding such a file would take gigabytes (a 13000x13000 PNG: 3.5 GB).
+MAX_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """A picture over MAX_PIXELS; the message says its size and what to do."""
+
+
+def too_large(pixels: int, size: str = "") -> ImageTooLarge:
+    return ImageTooLarge(
+        f"too large to decode safely: {size}{pixels / 1e6:,.1f} megapixels, over the limit of "
+        f"{MAX_PIXELS / 1e6:.1f} megapixels (a guard against decompression bombs): downscale "
+        "it first"
+    )
+
+
+@contextmanager
+def open_limited(path):
+    """`PIL.Image.open(path)` that refuses, from the header alone, a picture of more than
+    MAX_PIXELS pixels (ImageTooLarge), whatever PIL.Image.MAX_IMAGE_PIXELS says; PIL's own
+    DecompressionBombWarning is not shown (this is the one guard)."""
+    import re
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: PIL refuses it itself
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_large(int(found.group(1)) if found else 2 * MAX_PIXELS) from None
+    with img:
+        if img.width * img.height > MAX_PIXELS:
+            raise too_large(img.width * img.height, f"{img.width}x{img.height} pixels, ")
+        yield img
+
+
 def image_extensions() -> set[str]:
     """The file suffixes Pillow opens (lower case, with the dot)."""
     from PIL import Image
@@ -343,7 +385,7 @@ def _decode(files: dict[str, list[Path]], classes: list[str], size: int, warn, w
     is skipped and counted (one warning names the first few): a scraped folder often holds a
     few broken files, and a run should not stop for them; a class left with no image is an
     error."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
     from tqdm.auto import tqdm
 
     todo = [(p, label) for label, c in enumerate(classes) for p in files[c]]
@@ -352,7 +394,7 @@ def _decode(files: dict[str, list[Path]], classes: list[str], size: int, warn, w
     for path, label in tqdm(todo, desc=f"decoding {where}", unit="img", leave=False,
                             disable=len(todo) < 2000):  # fmt: skip
         try:
-            with Image.open(path) as img:
+            with open_limited(path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 grey = grey and img.mode in GREY_MODES
