@@ -154,6 +154,11 @@ class TrainConfig:
     resume: str | None = _f(
         None, "checkpoint directory to resume from, or 'auto' (newest complete one in --output-dir)"
     )
+    overwrite: bool = _f(
+        False,
+        "start over in an --output-dir that holds another run: delete that run's checkpoints, "
+        "model, metrics, summary and figures first (without it such a directory is refused)",
+    )
     report_to: str = _f("wandb", "wandb or none", choices=["wandb", "none"])
     wandb_project: str = _f("capsfast", "W&B project name")
     log_every: int = _f(
@@ -248,6 +253,10 @@ class TrainConfig:
             (
                 self.output_dir.strip() != "",
                 "--output-dir must not be empty",
+            ),
+            (
+                not (self.overwrite and self.resume is not None),
+                "--overwrite starts the run over and --resume continues it: give one of them",
             ),
         ]
         # Every float flag must be a finite number: an `inf` weight would train on and fail

@@ -15,6 +15,7 @@ checkpoint holds and how a stop is requested, checkpoint.py; the losses, model.p
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -22,14 +23,16 @@ from pathlib import Path
 
 import torch
 
-from capsfast import memory, runtime, tasks
+from capsfast import memory, run_lock, runtime, tasks
 from capsfast.checkpoint import (
     GoodState,
+    SecondInterrupt,
     StopRequest,
     TrainState,
     list_checkpoints,
     resume,
     save_checkpoint,
+    signal_for_tests,
 )
 from capsfast.config import TrainConfig
 from capsfast.data import (
@@ -43,6 +46,7 @@ from capsfast.data import (
     to_float,
 )
 from capsfast.datasets import load_dataset
+from capsfast.diskio import append_text, write_text
 from capsfast.ema import EMA
 from capsfast.errors import Interrupted, UserError, describe_os_error
 from capsfast.export import CARD, load_model, read_config, save_model
@@ -109,11 +113,18 @@ def all_finite(loss: torch.Tensor, model, mixed_precision: str) -> torch.Tensor:
     return finite
 
 
+class EvaluationStopped(Exception):
+    """A stop request cut an evaluation short (`evaluate`'s `stop`)."""
+
+
 @torch.no_grad()
-def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | None = None):
+def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | None = None,
+             stop=None):  # fmt: skip
     """(accuracy, count) over all `images`, each counted exactly once across ranks: rank r takes
     a contiguous shard and the correct/total counts are summed (on-device batching has no padded
-    duplicates for gather_for_metrics to drop). `desc`: a progress bar with that title."""
+    duplicates for gather_for_metrics to drop). `desc`: a progress bar with that title. `stop`:
+    a function asked before every batch; when it says yes, EvaluationStopped (one process only:
+    the ranks of a group must all reach the final reduction)."""
     from tqdm.auto import tqdm
 
     n = images.shape[0]
@@ -124,6 +135,9 @@ def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | No
     right = torch.zeros((), dtype=torch.long, device=accelerator.device)
     quiet = desc is None or not accelerator.is_local_main_process
     for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False, disable=quiet):
+        if stop is not None and stop():
+            model.train(was_training)
+            raise EvaluationStopped
         # .to: a no-op for data on the device; streamed data's evaluation sets stay on the host.
         x = to_float(images[start : min(hi, start + batch_size)].to(accelerator.device))
         with accelerator.autocast():
@@ -230,22 +244,38 @@ def epoch_line(r: dict) -> str:
             f"{r['epoch_seconds']:.1f} s, {r['images_per_second'] or 0:.0f} img/s")  # fmt: skip
 
 
-def make_output_dir(path: str, accelerator) -> Path:
-    """The run directory, created and checked writable, or a one-line error."""
-    out = Path(path)
+def make_output_dir(cfg: TrainConfig, accelerator, held: list) -> Path:
+    """The run directory: created, locked for this run (capsfast.run_lock: the lock goes into
+    `held`, released when the run ends; a directory another run holds is a one-line error that
+    names it) and checked for another run's results (refused unless --resume or --overwrite).
+    The main process decides; every rank raises the same one-line error."""
+    out = Path(cfg.output_dir)
+    problem = [None]
     if accelerator.is_main_process:
-        if out.exists() and not out.is_dir():
-            raise TrainingError(f"--output-dir {out} is a file: choose a directory")
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".capsfast-write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise TrainingError(
-                f"--output-dir {out} is not writable ({describe_os_error(e)}): choose another"
-            ) from None
-    accelerator.wait_for_everyone()
+            if out.exists() and not out.is_dir():
+                raise TrainingError(f"--output-dir {out} is a file: choose a directory")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                held.append(run_lock.RunLock(out))  # creating its file: the write check
+            except OSError as e:
+                raise TrainingError(
+                    f"--output-dir {out} is not writable ({describe_os_error(e)}): choose another"
+                ) from None
+            if held[-1].warning:
+                accelerator.print(f"capsfast: warning: {held[-1].warning}")
+            run_lock.check_ownership(out, cfg.resume, cfg.overwrite,
+                                     lambda m: accelerator.print(f"capsfast: {m}"))  # fmt: skip
+        except (UserError, OSError) as e:
+            problem = [str(e) if isinstance(e, UserError) else describe_os_error(e)]
+            if accelerator.num_processes == 1:
+                raise
+    if accelerator.num_processes > 1:  # every rank stops, or none
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+        if problem[0] is not None:
+            raise TrainingError(problem[0])
     return out
 
 
@@ -253,8 +283,7 @@ def append_record(record: dict, state: TrainState, out: Path, accelerator) -> No
     """One line of metrics.jsonl (the TrainState keeps them all, so a resume rewrites it)."""
     state.records.append(record)
     if accelerator.is_main_process:
-        with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(out / "metrics.jsonl", json.dumps(record) + "\n")  # whole lines only
 
 
 def export_if_best(model, val, state: TrainState, out: Path, accelerator, meta: dict) -> bool:
@@ -287,16 +316,17 @@ def export_if_best(model, val, state: TrainState, out: Path, accelerator, meta: 
 
 def validate_and_export(acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
                         steps_per_epoch, train_stats, images_per_second=None, desc=None,
-                        test=None) -> dict:  # fmt: skip
+                        test=None, stop=None) -> dict:  # fmt: skip
     """Validate, export if best, append the epoch record (metrics.jsonl) and log it. `test`
     (--test-every-epoch): the test set too, for the learning curve only; the export is still
-    chosen on validation."""
+    chosen on validation. `stop`: as evaluate's (EvaluationStopped before anything is written)."""
     t = time.time()
     val = test_acc = None
     if len(val_x):
-        val, _ = evaluate(eval_model, val_x, val_y, acc, cfg.eval_batch_size, desc=desc)
+        val, _ = evaluate(eval_model, val_x, val_y, acc, cfg.eval_batch_size, desc=desc,
+                          stop=stop)  # fmt: skip
     if test is not None:
-        test_acc, _ = evaluate(eval_model, *test, acc, cfg.eval_batch_size)
+        test_acc, _ = evaluate(eval_model, *test, acc, cfg.eval_batch_size, stop=stop)
     export_if_best(eval_model, val, state, out, acc, meta)
     epochs = [r for r in state.records if r["kind"] == "epoch"]
     now = time.time()
@@ -411,26 +441,75 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     {"stopped": True, ...} when a signal stopped the run after saving a checkpoint.
 
     Expected faults end in a one-line UserError that says what is kept and how to go on: a
-    failed write (a full disk) anywhere, a second Ctrl-C (stop at once)."""
+    failed write (a full disk) anywhere, a second Ctrl-C (stop at once), a Ctrl-C while the run
+    is set up, host memory running out. The output directory is this run's (locked) until it
+    returns."""
+    held: list = []  # the output directory's lock (capsfast.run_lock.RunLock)
     try:
-        return run_training(cfg, data)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep what is on disk
-        raise Interrupted(interrupted_message(Path(cfg.output_dir))) from None
+        return run_training(cfg, data, held)
+    except KeyboardInterrupt as e:  # stop at once, keep what is on disk
+        out = Path(cfg.output_dir)
+        if isinstance(e, SecondInterrupt):
+            raise Interrupted(interrupted_message(out)) from None
+        raise Interrupted(setup_interrupted_message(out)) from None
     except OSError as e:  # a write that failed outside the checkpoint and export writers
         raise TrainingError(
             f"{describe_os_error(e)}; {checkpoint_note(Path(cfg.output_dir))}"
         ) from None
+    except (MemoryError, RuntimeError) as e:
+        message = out_of_memory(e, cfg)
+        if message is None:
+            raise  # not memory: a bug
+        raise TrainingError(f"{message}; {checkpoint_note(Path(cfg.output_dir))}") from None
+    finally:
+        for lock in held:
+            lock.release()
 
 
-def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
+def out_of_memory(e: BaseException, cfg: TrainConfig) -> str | None:
+    """What to do when `e` is memory running out (host or GPU); None when it is not."""
+    import re
+
+    text = str(e)
+    host = isinstance(e, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text
+    gpu = isinstance(e, torch.OutOfMemoryError) or "CUDA out of memory" in text
+    if not (host or gpu):
+        return None
+    asked = re.search(r"(?:allocate|Tried to allocate) (\d+(?:\.\d+)?) ?(bytes|[KMG]iB)", text)
+    size = ""
+    if asked:
+        scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[asked.group(2)]
+        size = f" (an allocation of {float(asked.group(1)) * scale / 2**30:.2f} GiB failed)"
+    where = "host" if host else "GPU"
+    fixes = (f"lower --batch-size (now {cfg.batch_size}) or --eval-batch-size (now "
+             f"{cfg.eval_batch_size})")  # fmt: skip
+    if gpu:
+        fixes += ", or pass --routing fused or --data-placement stream"
+    else:
+        fixes += ", or stop other programs that hold memory"
+    return f"out of {where} memory{size}: {fixes}"
+
+
+def setup_interrupted_message(out: Path) -> str:
+    newest = list_checkpoints(out)[:1]
+    kept = (f"the last complete checkpoint {newest[0]} is intact; to go on, {resume_hint()}"
+            if newest else "no checkpoint had been written; run the command again to start")  # fmt: skip
+    return f"interrupted while the run was being set up, before its first step; {kept}"
+
+
+def run_training(cfg: TrainConfig, data: Dataset | None, held: list | None = None) -> dict:
+    """`train` without its error boundary (benchmarks call it); `held` receives the output
+    directory's lock (released with the list's last reference when not given)."""
     from accelerate.utils import set_seed
 
     from capsfast import tracking
 
+    held = [] if held is None else held
+
     cfg.validate()
     acc, mixed_precision, precision_reason, compiled = runtime.make_accelerator(cfg)
     device, world = acc.device, acc.num_processes
-    out = make_output_dir(cfg.output_dir, acc)
+    out = make_output_dir(cfg, acc, held)
     set_seed(cfg.seed)
 
     # Data: uint8 [N, C, S, S] on the device for the whole run, or in host memory and streamed
@@ -475,10 +554,16 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                          "dataset": data.name, "task": cfg.task, "architecture": cfg.model}}  # fmt: skip
     initial = GoodState()  # a failed half-load must not leak into a fresh start
     initial.take(0, **stateful)
-    resumed = resume(acc, cfg.resume, out, identity, lambda: initial.restore(**stateful))
+    signal_for_tests("setup", signal.SIGINT)  # the tests' Ctrl-C while the run is set up
+    owner = run_lock.directory_run(out)  # the directory's run: --resume auto takes only its own
+    resumed = resume(acc, cfg.resume, out, identity, lambda: initial.restore(**stateful),
+                     run_id=owner)  # fmt: skip
+    if resumed is None and cfg.resume == "auto" and owner:
+        state.run_id = owner  # no usable checkpoint: the directory's run starts over, as itself
 
     parameters = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    config_record = {**cfg.to_dict(), "model": model_cfg.to_dict(), "resolved": {
+    config_record = {**cfg.to_dict(), "run_id": state.run_id, "model": model_cfg.to_dict(),
+                     "resolved": {
         "mixed_precision": mixed_precision, "precision_reason": precision_reason,
         "compile": compiled, "routing": raw_model.routing,
         "world_size": world, "lr_scaled": cfg.scaled_lr(), "steps_per_epoch": steps_per_epoch,
@@ -489,9 +574,9 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
         acc, config_record, cfg.wandb_project, str(out), f"{cfg.task}-{cfg.model}-{out.name}"
     )
     if acc.is_main_process:
-        (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
+        write_text(out / "config.json", json.dumps(config_record, indent=2) + "\n")
         # Rewritten from the checkpoint's records, so a resumed run has no duplicate lines.
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.records))
+        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.records))
     routing_line = (f"routing {raw_model.routing}, {cfg.routing_iters} iterations"
                     f"{' (detach_inner)' if cfg.detach_inner else ''}"
                     if isinstance(raw_model, CapsNet) else "no routing")  # fmt: skip
@@ -518,7 +603,8 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                        steps_per_epoch=steps_per_epoch)  # fmt: skip
 
     def save() -> Path:
-        return save_checkpoint(acc, out, state.step, identity, cfg.keep_checkpoints)
+        return save_checkpoint(acc, out, state.step, identity, cfg.keep_checkpoints,
+                               run_id=state.run_id)  # fmt: skip
 
     def sync_point(step: int, bar, lr: float, stop_requested: bool) -> Path | None:
         """The host looks (every log_every steps, at epoch ends and checkpoints): logs the
@@ -696,19 +782,28 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
     first (so a stop at any later phase loses nothing: `--resume auto` finds the run complete
     and repeats only the end), the last validation (also after --max-steps mid-epoch) and
     export, the test evaluation of the exported model, summary.json, the figures. A stop
-    request is honoured before each phase; one that arrives during the last lets it finish."""
+    request is honoured before each phase, and (one process) between the batches of the
+    validation and test evaluations, so it ends them within a batch; a test evaluation that
+    finished is kept: summary.json (milliseconds) is written before the stop. One that arrives
+    during the last phase lets it finish."""
     from capsfast import tracking
 
-    def phase(name: str) -> None:
-        if stop.signal is not None:
-            checkpoint = list_checkpoints(out)[0]
-            acc.print(f"capsfast: stopped on request at the end of the run, before its {name} "
-                      f"phase; the final checkpoint is {checkpoint}\n"
-                      f"capsfast: to finish the run, {resume_hint()}")  # fmt: skip
-            acc.end_training()
-            raise Stopped(state.step, checkpoint)
+    def stopped(where: str):
+        checkpoint = list_checkpoints(out)[0]
+        acc.print(f"capsfast: stopped on request at the end of the run, {where}; the final "
+                  f"checkpoint is {checkpoint}\n"
+                  f"capsfast: to finish the run, {resume_hint()}")  # fmt: skip
+        acc.end_training()
+        return Stopped(state.step, checkpoint)
+
+    def phase(name: str, honour_stop: bool = True) -> None:
+        if honour_stop and stop.signal is not None:
+            raise stopped(f"before its {name} phase")
         acc.print(f"capsfast: end of run: {name}")
         stop.phase(name)
+
+    # One process: an evaluation ends at the next batch once a stop is requested.
+    cut = (lambda: stop.signal is not None) if acc.num_processes == 1 else None
 
     phase("checkpoint")
     newest = [list_checkpoints(out)[:1] if acc.is_main_process else None]
@@ -722,19 +817,27 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
     last = next((r for r in reversed(state.records) if r["kind"] == "epoch"), None)
     if last is None or last["step"] != state.step:
         stats = means(state.epoch_stats)
-        validate_and_export(acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
-                            steps_per_epoch, stats, desc="validation",
-                            test=task.test if cfg.test_every_epoch else None)  # fmt: skip
+        try:
+            validate_and_export(acc, cfg, eval_model, val_x, val_y, state, out, meta, optimizer,
+                                steps_per_epoch, stats, desc="validation",
+                                test=task.test if cfg.test_every_epoch else None,
+                                stop=cut)  # fmt: skip
+        except EvaluationStopped:
+            raise stopped("during its validation phase (cut short)") from None
     phase("test")
     routing = summary_fields["routing"]
     exported = load_model(out / "model", device=acc.device, routing=routing)
-    test_acc, test_n = evaluate(exported, *task.test, acc, cfg.eval_batch_size, desc="test")
-    extra = {}  # the task's further test sets (affnist: affNIST itself)
-    for name, (x, y) in task.extra_tests.items():
-        extra[f"{name}_accuracy"], extra[f"{name}_size"] = evaluate(
-            exported, x, y, acc, cfg.eval_batch_size, desc=name
-        )
-    phase("summary")
+    try:
+        test_acc, test_n = evaluate(exported, *task.test, acc, cfg.eval_batch_size, desc="test",
+                                    stop=cut)  # fmt: skip
+        extra = {}  # the task's further test sets (affnist: affNIST itself)
+        for name, (x, y) in task.extra_tests.items():
+            extra[f"{name}_accuracy"], extra[f"{name}_size"] = evaluate(
+                exported, x, y, acc, cfg.eval_batch_size, desc=name, stop=cut
+            )
+    except EvaluationStopped:
+        raise stopped("during its test phase (cut short)") from None
+    phase("summary", honour_stop=False)  # the test finished: its result is kept
     train_records = [r for r in state.records if r["kind"] == "train"]
     cuda = acc.device.type == "cuda"
     summary = {
@@ -756,7 +859,7 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
         "skipped_steps": state.skipped_steps,
     }
     if acc.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_card(out / "model", summary, name=out.name)  # Hub-ready: from this very summary
     if use_wandb:
         acc.log({"test/accuracy": test_acc, **{f"test/{k}": v for k, v in extra.items()}},
