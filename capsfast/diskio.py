@@ -20,7 +20,9 @@ from pathlib import Path
 # The file system counts as full when less than this is left after a failed write.
 FULL_BELOW_BYTES = 1 << 20
 _WRITER_ERRORS = ("SafetensorError",)  # writers that wrap the OS error in their own type
-_WRITER_TEXT = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos")
+# torch's zip writer, in the shapes a full disk has been seen to take (no errno in any of them)
+_WRITER_TEXT = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos",
+                "basic_ios::clear: iostream error")  # fmt: skip
 _ERRNO_TEXT = {
     "No space left on device": errno.ENOSPC,
     "os error 28": errno.ENOSPC,
