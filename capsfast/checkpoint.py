@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from capsfast.diskio import as_os_error
 from capsfast.errors import UserError, describe_os_error
 
 MARKER = "capsfast_checkpoint.json"
@@ -81,11 +82,14 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, identity: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, step: int, identity: dict, keep: int,
+                    run_id: str | None = None) -> Path:  # fmt: skip
     """Write checkpoint `step-XXXXXXXX` atomically (all ranks call this); keep the newest `keep`.
 
-    `identity` ({"model": ..., "data": ...}) is what a resume must match. A failed write (a full
-    disk) leaves the previous checkpoints as they were and raises a CheckpointError that says so.
+    `identity` ({"model": ..., "data": ...}) is what a resume must match; `run_id` names the run
+    (`--resume auto` takes only checkpoints of the directory's run). A failed write (a full disk,
+    in whatever shape the writer reports it: capsfast.diskio) removes its partial directory,
+    leaves the previous checkpoints as they were and raises a CheckpointError that says so.
     """
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
@@ -101,6 +105,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, identity: dict, ke
             marker = {
                 "format": MARKER_FORMAT,
                 "step": step,
+                **({"run_id": run_id} if run_id else {}),
                 **identity,
                 "time": time.time(),
                 "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)},
@@ -113,20 +118,33 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, identity: dict, ke
             os.replace(tmp, final)
             for old in list_checkpoints(output_dir)[keep:]:
                 _remove(old)
-    except OSError as e:
+    except Exception as e:
+        failure = as_os_error(e, _newest_file(tmp))  # before the removal frees the space
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise  # not a failed write: a bug
         intact = (
             f"the previous checkpoint {previous[0]} is intact"
             if previous
             else "no earlier checkpoint exists"
         )
         raise CheckpointError(
-            f"cannot write checkpoint {final} ({describe_os_error(e)}); {intact}. Free space, "
-            "then run the same command with --resume auto"
+            f"cannot write checkpoint {final} ({describe_os_error(failure)}); {intact}. Free "
+            "space, then run the same command with --resume auto"
         ) from None
     accelerator.wait_for_everyone()
     return final
+
+
+def _newest_file(directory: Path) -> Path:
+    """The file written last in `directory` (the one a failed write was writing; writers that
+    report a full disk without a file name leave this to say it), or the directory itself."""
+    try:
+        files = [p for p in directory.rglob("*") if p.is_file()]
+        return max(files, key=lambda p: p.stat().st_mtime_ns) if files else directory
+    except OSError:
+        return directory
 
 
 def _remove(checkpoint: Path) -> None:
@@ -195,13 +213,40 @@ def load_checkpoint(accelerator, path: Path, identity: dict) -> None:
         raise CorruptCheckpoint(f"{path} does not load ({type(e).__name__}: {first})") from None
 
 
-def resume(accelerator, spec: str | None, output_dir: Path, identity: dict, on_fresh_start=None):
+def checkpoint_run(checkpoint: Path) -> str | None:
+    """The run id a checkpoint's marker records (None: none recorded, an older capsfast)."""
+    try:
+        run_id = json.loads((Path(checkpoint) / MARKER).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+def same_run(checkpoints: list[Path], run_id: str | None, warn) -> list[Path]:
+    """The checkpoints of run `run_id` (None: of the newest checkpoint's run); one of another run
+    is left out with a warning (`warn`) that names it. A checkpoint that records no run (written
+    by an older capsfast) is kept."""
+    runs = [checkpoint_run(p) for p in checkpoints]
+    run_id = run_id or next((r for r in runs if r), None)
+    kept = []
+    for path, run in zip(checkpoints, runs, strict=True):
+        if run is None or run == run_id:
+            kept.append(path)
+        else:
+            warn(f"skipping checkpoint {path}: it belongs to another run (run {run}, not this "
+                 f"directory's run {run_id})")  # fmt: skip
+    return kept
+
+
+def resume(accelerator, spec: str | None, output_dir: Path, identity: dict, on_fresh_start=None,
+           run_id: str | None = None):  # fmt: skip
     """Load what `--resume` names; returns its path, or None for a fresh start.
 
-    PATH: that checkpoint, or a one-line error. `auto`: the newest checkpoint that verifies and
-    loads; a corrupt one is skipped with a warning that names it and says why, and the next one
-    is tried; none at all means a fresh start (after `on_fresh_start()`, which undoes whatever a
-    failed load had put in place). Every rank tries the same checkpoints in the same order."""
+    PATH: that checkpoint, or a one-line error. `auto`: the newest checkpoint of the directory's
+    run (`run_id`, else the newest checkpoint's run: `same_run`) that verifies and loads; a
+    corrupt one is skipped with a warning that names it and says why, and the next one is tried;
+    none at all means a fresh start (after `on_fresh_start()`, which undoes whatever a failed
+    load had put in place). Every rank tries the same checkpoints in the same order."""
     if spec is None:
         return None
     if spec != "auto":
@@ -220,7 +265,10 @@ def resume(accelerator, spec: str | None, output_dir: Path, identity: dict, on_f
         return path
     from accelerate.utils import broadcast_object_list
 
-    candidates = [list_checkpoints(output_dir) if accelerator.is_main_process else None]
+    candidates = [None]
+    if accelerator.is_main_process:
+        warn = lambda m: accelerator.print(f"capsfast: warning: {m}")  # noqa: E731
+        candidates = [same_run(list_checkpoints(output_dir), run_id, warn)]
     if accelerator.num_processes > 1:
         broadcast_object_list(candidates)
     for path in candidates[0]:
@@ -245,8 +293,19 @@ def resume(accelerator, spec: str | None, output_dir: Path, identity: dict, on_f
 
 # The trainer's one test hook (docs/environment.md, with every CAPSFAST_* variable): tests stop
 # a run at a named phase of its end with a real signal; CAPSFAST_TEST_SIGNAL_AT=<phase> sends
-# SIGTERM to this process as the phase starts.
+# SIGTERM to this process as the phase starts (`setup`: a SIGINT, a Ctrl-C, while the run is
+# being set up, before its first step).
 TEST_SIGNAL_ENV = "CAPSFAST_TEST_SIGNAL_AT"
+
+
+def signal_for_tests(phase: str, sig: int = signal.SIGTERM) -> None:
+    """The test hook: signal this process when CAPSFAST_TEST_SIGNAL_AT names `phase`."""
+    if os.environ.get(TEST_SIGNAL_ENV) == phase:
+        os.kill(os.getpid(), sig)
+
+
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C while a stop request is pending: stop at once."""
 
 
 class StopRequest:
@@ -269,7 +328,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         self.signal = signum
         if self.announce:
             # Said at once, so a user (or a test) knows the request was heard before pressing
@@ -282,8 +341,7 @@ class StopRequest:
 
     def phase(self, name: str) -> None:
         """Mark the start of a phase of the run's end (the test hook's place)."""
-        if os.environ.get(TEST_SIGNAL_ENV) == name:
-            os.kill(os.getpid(), signal.SIGTERM)
+        signal_for_tests(name)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -206,6 +206,11 @@ class TrainConfig:
     resume: str | None = _f(
         None, "checkpoint directory to resume from, or 'auto' (newest complete one in --output-dir)"
     )
+    overwrite: bool = _f(
+        False,
+        "start over in an --output-dir that holds another run: delete that run's checkpoints, "
+        "model, metrics, summary and figures first (without it such a directory is refused)",
+    )
     report_to: str = _f("wandb", "wandb or none", choices=["wandb", "none"])
     wandb_project: str = _f("capsfast", "W&B project name")
     log_every: int = _f(
@@ -244,6 +249,10 @@ class TrainConfig:
             )
         if self.output_dir.strip() == "":
             raise ValueError("--output-dir must not be empty")
+        if self.overwrite and self.resume is not None:
+            raise ValueError(
+                "--overwrite starts the run over and --resume continues it: give one of them"
+            )
         if self.preset not in PRESETS:
             raise ValueError(
                 f"unknown --preset {self.preset!r}: choose one of {', '.join(PRESETS)}"

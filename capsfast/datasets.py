@@ -18,8 +18,10 @@ folder names for folder:). Everything is uint8 [N, C, H, W] in host memory; the 
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -235,6 +237,47 @@ def _load_svhn(root: Path, download: bool) -> Dataset:
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
+# The most pixels a picture may have (PIL's own default limit, 89.5 megapixels: a 108 MP camera's
+# full frame is over it, a 48 MP one is under). Over it, the header is enough to refuse the file:
+# nothing is decoded. Decoding such a file would take gigabytes (a 13000x13000 PNG: 3.5 GB).
+MAX_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """A picture over MAX_PIXELS; the message says its size and what to do."""
+
+
+def too_large(pixels: int, size: str = "") -> ImageTooLarge:
+    return ImageTooLarge(
+        f"too large to decode safely: {size}{pixels / 1e6:,.1f} megapixels, over the limit of "
+        f"{MAX_PIXELS / 1e6:.1f} megapixels (a guard against decompression bombs): downscale "
+        "it first"
+    )
+
+
+@contextmanager
+def open_limited(path):
+    """`PIL.Image.open(path)` that refuses, from the header alone, a picture of more than
+    MAX_PIXELS pixels (ImageTooLarge), whatever PIL.Image.MAX_IMAGE_PIXELS says; PIL's own
+    DecompressionBombWarning is not shown (this is the one guard)."""
+    import re
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: PIL refuses it itself
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_large(int(found.group(1)) if found else 2 * MAX_PIXELS) from None
+    with img:
+        if img.width * img.height > MAX_PIXELS:
+            raise too_large(img.width * img.height, f"{img.width}x{img.height} pixels, ")
+        yield img
+
+
 def image_extensions() -> set[str]:
     """The file suffixes Pillow opens (lower case, with the dot)."""
     from PIL import Image
@@ -272,20 +315,61 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _files_by_class(root: Path, classes: list[str], where: str) -> dict[str, list[Path]]:
-    from torchvision.datasets.folder import make_dataset
-
+def _files_by_class(root: Path, classes: list[str], where: str, warn) -> dict[str, list[Path]]:
+    """The image files of each class folder, at any depth, each file once and under its real
+    path. Links are not followed: a link to a folder could loop (repeating the tree without end)
+    or lead into another class (labelling its images twice); a link to a file inside the class
+    folders names a file read where it really is, and one out of them leads to images that are
+    not part of the data set (a test image linked into train/, say). Every link skipped (and any
+    file met twice) is counted in one warning that names the first few; a broken link is left
+    to the decoder, which counts it as unreadable."""
     extensions = image_extensions()
+    trees = [os.path.realpath(root / c) for c in classes]
+    top = os.path.realpath(root)
 
-    def is_image(path: str) -> bool:
-        p = Path(path)
-        return not p.name.startswith(".") and p.suffix.lower() in extensions
+    def within(outer: str, inner: str) -> bool:  # is `inner` `outer` or below it?
+        return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
-    index = {c: i for i, c in enumerate(classes)}
-    found = make_dataset(str(root), index, is_valid_file=is_image, allow_empty=True)
-    files = {c: [] for c in classes}
-    for path, label in found:
-        files[classes[label]].append(Path(path))
+    def in_tree(real: str) -> bool:
+        return any(within(tree, real) for tree in trees)
+
+    skipped: list[str] = []
+    seen: set[str] = set()
+    files: dict[str, list[Path]] = {c: [] for c in classes}
+    for c, tree in zip(classes, trees, strict=True):
+        if within(tree, top):  # root/c leads back to the data set's folder (or above): a loop
+            skipped.append(f"{root / c} -> {os.readlink(root / c)} (a loop)")
+            continue
+        for here, dirs, names in sorted(os.walk(root / c, followlinks=False)):
+            real_here = os.path.realpath(here)
+            for name in sorted(dirs):  # os.walk lists links to folders here and never enters them
+                path = os.path.join(here, name)
+                if os.path.islink(path):
+                    real = os.path.realpath(path)
+                    why = ("a loop" if within(real, real_here)
+                           else "its files are read where they are" if in_tree(real)
+                           else "out of the class folders")  # fmt: skip
+                    skipped.append(f"{path} -> {os.readlink(path)} ({why})")
+            for name in sorted(names):
+                path = os.path.join(here, name)
+                if name.startswith(".") or Path(name).suffix.lower() not in extensions:
+                    continue
+                real = os.path.realpath(path)
+                if os.path.islink(path) and os.path.exists(path):  # a broken link: unreadable
+                    why = ("the file is read where it is" if in_tree(real)
+                           else "out of the class folders")  # fmt: skip
+                    skipped.append(f"{path} -> {os.readlink(path)} ({why})")
+                    continue
+                if real in seen:  # two class folders that are one folder
+                    skipped.append(f"{path} (read already under another name)")
+                    continue
+                seen.add(real)
+                files[c].append(Path(path))
+    if skipped:
+        shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        warn(f"{where}: skipped {len(skipped)} symbolic link{'s' if len(skipped) > 1 else ''} or "
+             "repeated files (each image is read once, under its real path; links are not "
+             f"followed into a loop or out of the class folders): {shown}")  # fmt: skip
     empty = [c for c in classes if not files[c]]
     if empty:
         raise DataError(
@@ -301,7 +385,7 @@ def _decode(files: dict[str, list[Path]], classes: list[str], size: int, warn, w
     is skipped and counted (one warning names the first few): a scraped folder often holds a
     few broken files, and a run should not stop for them; a class left with no image is an
     error."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
     from tqdm.auto import tqdm
 
     todo = [(p, label) for label, c in enumerate(classes) for p in files[c]]
@@ -310,7 +394,7 @@ def _decode(files: dict[str, list[Path]], classes: list[str], size: int, warn, w
     for path, label in tqdm(todo, desc=f"decoding {where}", unit="img", leave=False,
                             disable=len(todo) < 2000):  # fmt: skip
         try:
-            with Image.open(path) as img:
+            with open_limited(path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 grey = grey and img.mode in GREY_MODES
@@ -377,14 +461,15 @@ def load_folder(path, size: int, test_fraction: float = 0.2, warn=print) -> Data
             "classifier needs at least two, one folder of images per class"
         )
     if split:
-        train = _decode(_files_by_class(root / "train", classes, str(root / "train")), classes,
-                        size, warn, str(root / "train"))  # fmt: skip
-        test = _decode(_files_by_class(root / "test", classes, str(root / "test")), classes,
-                       size, warn, str(root / "test"))  # fmt: skip
+        train_dir, test_dir = str(root / "train"), str(root / "test")
+        train = _decode(_files_by_class(root / "train", classes, train_dir, warn), classes, size,
+                        warn, train_dir)  # fmt: skip
+        test = _decode(_files_by_class(root / "test", classes, test_dir, warn), classes, size,
+                       warn, test_dir)  # fmt: skip
         grey = train[2] and test[2]
         (train_x, train_y), (test_x, test_y) = train[:2], test[:2]
     else:
-        x, y, grey = _decode(_files_by_class(root, classes, str(root)), classes, size, warn,
+        x, y, grey = _decode(_files_by_class(root, classes, str(root), warn), classes, size, warn,
                              str(root))  # fmt: skip
         held = _held_out(y, test_fraction)
         if not held.any():

@@ -9,11 +9,18 @@ from capsfast.data import to_float
 from capsfast.model import correct
 
 
+class EvaluationStopped(Exception):
+    """A stop request cut an evaluation short (`evaluate`'s `stop`)."""
+
+
 @torch.no_grad()
-def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | None = None):
+def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | None = None,
+             stop=None):  # fmt: skip
     """(accuracy, count) over all `images`, each counted exactly once across ranks: rank r takes
     a contiguous shard and the correct/total counts are summed (on-device batching has no padded
-    duplicates for gather_for_metrics to drop). `desc`: a progress bar with that title."""
+    duplicates for gather_for_metrics to drop). `desc`: a progress bar with that title. `stop`:
+    a function asked before every batch; when it says yes, EvaluationStopped (one process only:
+    the ranks of a group must all reach the final reduction)."""
     from tqdm.auto import tqdm
 
     n = images.shape[0]
@@ -24,6 +31,9 @@ def evaluate(model, images, labels, accelerator, batch_size: int, desc: str | No
     right = torch.zeros((), dtype=torch.long, device=accelerator.device)
     quiet = desc is None or not accelerator.is_local_main_process
     for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False, disable=quiet):
+        if stop is not None and stop():
+            model.train(was_training)
+            raise EvaluationStopped
         # .to: a no-op for data on the device; streamed data's evaluation sets stay on the host.
         x = to_float(images[start : min(hi, start + batch_size)].to(accelerator.device))
         with accelerator.autocast():

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from capsfast.baseline import BaselineCNN, BaselineConfig
+from capsfast.diskio import atomic_path
 from capsfast.errors import UserError
 from capsfast.model import CapsNet, ModelConfig
 
@@ -83,9 +84,6 @@ def save_model(
         k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
         for k, v in model.state_dict().items()
     }
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    tmp.replace(directory / WEIGHTS)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -93,7 +91,12 @@ def save_model(
         "model": model.config.to_dict(),
         "meta": meta or {},
     }
-    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    # Both files are written whole beside the old ones before either replaces its old one: a
+    # failed write (a full disk) leaves the previous export as it was, and no partial file.
+    with atomic_path(directory / WEIGHTS) as weights, atomic_path(directory / CONFIG) as cfg:
+        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        save_file(state, str(weights), metadata=metadata)
+        cfg.write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from capsfast.diskio import atomic_path
 from capsfast.infer import Prediction, predict
 
 DELTAS = tuple(round(-0.25 + 0.05 * i, 2) for i in range(11))  # -0.25 .. 0.25 step 0.05
@@ -120,8 +121,11 @@ def most_confident_wrong(pred: Prediction, labels: torch.Tensor, k: int = 16) ->
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the PNG is exactly figsize * DPI
-    _pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a full disk leaves no half-written PNG
+            fig.savefig(tmp, dpi=DPI)  # no bbox_inches="tight": the PNG is exactly figsize * DPI
+    finally:
+        _pyplot().close(fig)
     return path
 
 

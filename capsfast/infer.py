@@ -121,14 +121,16 @@ def open_image(source):
     if isinstance(source, (str, Path)):
         path = Path(source)
         _check_image_path(path)
+        from capsfast.datasets import ImageTooLarge, open_limited
+
         try:
-            with Image.open(path) as img:
+            with open_limited(path) as img:  # at most datasets.MAX_PIXELS pixels
                 img.load()
                 img = ImageOps.exif_transpose(img)
         except UnidentifiedImageError:
             raise ImageError("not an image file (PIL cannot identify it)") from None
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"too large to decode safely ({e})") from None
+        except ImageTooLarge as e:
+            raise ImageError(str(e)) from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"unreadable or corrupt image ({e})") from None
     elif isinstance(source, Image.Image):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from capsfast.diskio import write_text
+
 # The recipe's settings worth naming on a card, in this order.
 RECIPE_KEYS = ("batch_size", "epochs", "max_steps", "lr", "schedule", "warmup_frac",
                "final_lr_frac", "ema_decay", "max_shift", "routing_iters", "recon_weight")  # fmt: skip
@@ -85,7 +87,7 @@ def plain_card(architecture: str = "capsnet", dataset: str | None = None,
 def write_card(directory: str | Path, summary: dict, name: str) -> Path:
     """The card of `summary`'s run, as README.md in its export directory (Hub-ready)."""
     path = Path(directory) / "README.md"
-    path.write_text(model_card(summary, name=name))
+    write_text(path, model_card(summary, name=name))  # all or nothing
     return path
 
 

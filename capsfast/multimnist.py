@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from capsfast import canvas
+from capsfast.diskio import atomic_path
 from capsfast.model import ModelConfig, correct
 
 SIZE = 36  # 28 + 2 x 4
@@ -250,8 +251,11 @@ def draw_figure5(cases: list[dict], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a full disk leaves no half-written PNG
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from capsfast.checkpoint import list_checkpoints
-from capsfast.evaluation import evaluate
+from capsfast.diskio import write_text
+from capsfast.evaluation import EvaluationStopped, evaluate
 from capsfast.export import load_model
 from capsfast.model_card import write_card
 from capsfast.progress import Sums
@@ -38,30 +39,43 @@ class RunEnd:
         first (so a stop at any later phase loses nothing: `--resume auto` finds the run complete
         and repeats only the end), the last validation (also after --max-steps mid-epoch) and
         export, the test evaluation of the exported model, summary.json, the figures. A stop
-        request is honoured before each phase; one that arrives during the last lets it finish."""
+        request is honoured before each phase, and (one process) between the batches of the
+        validation and test evaluations; a test evaluation that finished is kept (summary.json is
+        written before the stop). One that arrives during the last phase lets it finish."""
+        # One process: an evaluation ends at the next batch once a stop is requested.
+        cut = (lambda: self.stop.signal is not None) if self.world == 1 else None
         self.phase("checkpoint")
         self.final_checkpoint()
         self.phase("validation")
         last = next((r for r in reversed(self.state.records) if r["kind"] == "epoch"), None)
         if last is None or last["step"] != self.state.step:
-            self.validate(Sums(*self.state.epoch_stats).means(), desc="validation")
+            try:
+                self.validate(Sums(*self.state.epoch_stats).means(), desc="validation", stop=cut)
+            except EvaluationStopped:
+                raise self.stopped("during its validation phase (cut short)") from None
         self.phase("test")
-        exported, tests = self.test()
-        self.phase("summary")
+        try:
+            exported, tests = self.test(stop=cut)
+        except EvaluationStopped:
+            raise self.stopped("during its test phase (cut short)") from None
+        self.phase("summary", honour_stop=False)  # the test finished: its result is kept
         summary = self.write_summary(tests)
         self.phase("figures")
         self.draw_figures(exported, summary, tests)
         self.acc.end_training()
         return summary
 
-    def phase(self, name: str) -> None:
-        if self.stop.signal is not None:
-            checkpoint = list_checkpoints(self.out)[0]
-            self.acc.print(f"capsfast: stopped on request at the end of the run, before its "
-                           f"{name} phase; the final checkpoint is {checkpoint}\n"
-                           f"capsfast: to finish the run, {resume_hint()}")  # fmt: skip
-            self.acc.end_training()
-            raise Stopped(self.state.step, checkpoint)
+    def stopped(self, where: str) -> Stopped:
+        checkpoint = list_checkpoints(self.out)[0]
+        self.acc.print(f"capsfast: stopped on request at the end of the run, {where}; the final "
+                       f"checkpoint is {checkpoint}\n"
+                       f"capsfast: to finish the run, {resume_hint()}")  # fmt: skip
+        self.acc.end_training()
+        return Stopped(self.state.step, checkpoint)
+
+    def phase(self, name: str, honour_stop: bool = True) -> None:
+        if honour_stop and self.stop.signal is not None:
+            raise self.stopped(f"before its {name} phase")
         self.acc.print(f"capsfast: end of run: {name}")
         self.stop.phase(name)
 
@@ -76,17 +90,17 @@ class RunEnd:
         if not newest[0] or newest[0][0].name != f"step-{self.state.step:08d}":
             self.save()
 
-    def test(self):
+    def test(self, stop=None):
         """(the exported model, {test_accuracy, test_size, and the task's other test sets})."""
         acc, batch = self.acc, self.cfg.eval_batch_size
         exported = load_model(
             self.out / "model", device=self.device, routing=self.raw_model.routing
         )
-        accuracy, n = evaluate(exported, *self.task.test, acc, batch, desc="test")
+        accuracy, n = evaluate(exported, *self.task.test, acc, batch, desc="test", stop=stop)
         tests = {"test_accuracy": accuracy, "test_size": n}
         for name, (x, y) in self.task.extra_tests.items():  # affnist: affNIST itself
             tests[f"{name}_accuracy"], tests[f"{name}_size"] = evaluate(
-                exported, x, y, acc, batch, desc=name
+                exported, x, y, acc, batch, desc=name, stop=stop
             )
         return exported, tests
 
@@ -120,7 +134,7 @@ class RunEnd:
             "skipped_steps": state.skipped_steps,
         }  # fmt: skip
         if acc.is_main_process:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             write_card(self.out / "model", summary, name=self.out.name)  # from this very summary
         if self.use_wandb:
             acc.log({f"test/{k.removeprefix('test_')}": v for k, v in tests.items()

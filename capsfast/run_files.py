@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from capsfast import run_lock
 from capsfast.checkpoint import TrainState, list_checkpoints
+from capsfast.diskio import append_text
 from capsfast.errors import UserError, describe_os_error
 from capsfast.export import CARD, read_config, save_model
 
@@ -16,22 +18,38 @@ class TrainingError(UserError):
     """A run that cannot go on; the message says why and what to do."""
 
 
-def make_output_dir(path: str, accelerator) -> Path:
-    """The run directory, created and checked writable, or a one-line error."""
-    out = Path(path)
+def make_output_dir(cfg, accelerator, held: list) -> Path:
+    """The run directory: created, locked for this run (capsfast.run_lock: the lock goes into
+    `held`, released when the run ends; a directory another run holds is a one-line error that
+    names it) and checked for another run's results (refused unless --resume or --overwrite).
+    The main process decides; every rank raises the same one-line error."""
+    out = Path(cfg.output_dir)
+    problem = [None]
     if accelerator.is_main_process:
-        if out.exists() and not out.is_dir():
-            raise TrainingError(f"--output-dir {out} is a file: choose a directory")
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".capsfast-write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise TrainingError(
-                f"--output-dir {out} is not writable ({describe_os_error(e)}): choose another"
-            ) from None
-    accelerator.wait_for_everyone()
+            if out.exists() and not out.is_dir():
+                raise TrainingError(f"--output-dir {out} is a file: choose a directory")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                held.append(run_lock.RunLock(out))  # creating its file: the write check
+            except OSError as e:
+                raise TrainingError(
+                    f"--output-dir {out} is not writable ({describe_os_error(e)}): choose another"
+                ) from None
+            if held[-1].warning:
+                accelerator.print(f"capsfast: warning: {held[-1].warning}")
+            run_lock.check_ownership(out, cfg.resume, cfg.overwrite,
+                                     lambda m: accelerator.print(f"capsfast: {m}"))  # fmt: skip
+        except (UserError, OSError) as e:
+            problem = [str(e) if isinstance(e, UserError) else describe_os_error(e)]
+            if accelerator.num_processes == 1:
+                raise
+    if accelerator.num_processes > 1:  # every rank stops, or none
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+        if problem[0] is not None:
+            raise TrainingError(problem[0])
     return out
 
 
@@ -39,8 +57,7 @@ def append_record(record: dict, state: TrainState, out: Path, accelerator) -> No
     """One line of metrics.jsonl (the TrainState keeps them all, so a resume rewrites it)."""
     state.records.append(record)
     if accelerator.is_main_process:
-        with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(out / "metrics.jsonl", json.dumps(record) + "\n")  # whole lines only
 
 
 def export_if_best(model, val, state: TrainState, out: Path, accelerator, meta: dict) -> bool:
@@ -88,3 +105,36 @@ def checkpoint_note(out: Path) -> str:
 
 def interrupted_message(out: Path) -> str:
     return f"stopped at once (a second interrupt); {checkpoint_note(out)}"
+
+
+def setup_interrupted_message(out: Path) -> str:
+    newest = list_checkpoints(out)[:1]
+    kept = (f"the last complete checkpoint {newest[0]} is intact; to go on, {resume_hint()}"
+            if newest else "no checkpoint had been written; run the command again to start")  # fmt: skip
+    return f"interrupted while the run was being set up, before its first step; {kept}"
+
+
+def out_of_memory(e: BaseException, cfg) -> str | None:
+    """What to do when `e` is memory running out (host or GPU); None when it is not."""
+    import re
+
+    import torch
+
+    text = str(e)
+    host = isinstance(e, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text
+    gpu = isinstance(e, torch.OutOfMemoryError) or "CUDA out of memory" in text
+    if not (host or gpu):
+        return None
+    asked = re.search(r"(?:allocate|Tried to allocate) (\d+(?:\.\d+)?) ?(bytes|[KMG]iB)", text)
+    size = ""
+    if asked:
+        scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[asked.group(2)]
+        size = f" (an allocation of {float(asked.group(1)) * scale / 2**30:.2f} GiB failed)"
+    where = "host" if host else "GPU"
+    fixes = (f"lower --batch-size (now {cfg.batch_size}) or --eval-batch-size (now "
+             f"{cfg.eval_batch_size})")  # fmt: skip
+    if gpu:
+        fixes += ", or pass --routing fused or --data-placement stream"
+    else:
+        fixes += ", or stop other programs that hold memory"
+    return f"out of {where} memory{size}: {fixes}"

@@ -17,18 +17,21 @@ sets), tasks.py.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
 import torch
 
-from capsfast import runtime, tasks
+from capsfast import run_lock, runtime, tasks
 from capsfast.checkpoint import (
     GoodState,
+    SecondInterrupt,
     StopRequest,
     TrainState,
     resume,
     save_checkpoint,
+    signal_for_tests,
 )
 from capsfast.config import TrainConfig
 from capsfast.data import (
@@ -41,10 +44,12 @@ from capsfast.data import (
     split_train_val,
 )
 from capsfast.datasets import load_dataset
+from capsfast.diskio import write_text
 from capsfast.ema import EMA
 from capsfast.errors import Interrupted, describe_os_error
 from capsfast.evaluation import evaluate, log_reconstructions
 from capsfast.model import CapsNet, ModelConfig
+from capsfast.optimizer import build_optimizer, set_learning_rate
 from capsfast.progress import (  # noqa: F401  (data_line: part of this module's API)
     Clock,
     Sums,
@@ -66,39 +71,15 @@ from capsfast.run_files import (  # noqa: F401  (resume_hint: API)
     export_if_best,
     interrupted_message,
     make_output_dir,
+    out_of_memory,
     resume_hint,
+    setup_interrupted_message,
 )
 
 EXIT_STOPPED = 3  # stopped on request (SIGTERM, Ctrl-C) after saving: resume with --resume auto
 
 
 # --------------------------------------------------------------------------- pieces of a run
-def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam; the decoder is its own group (the seed preset gives it its own rate, no decay;
-    the baseline has no decoder: an empty group)."""
-    decoder = list(model.decoder.parameters()) if hasattr(model, "decoder") else []
-    decoder_ids = {id(p) for p in decoder}
-    encoder = [p for p in model.parameters() if id(p) not in decoder_ids]
-    groups = [
-        {"params": encoder, "lr": cfg.scaled_lr(), "weight_decay": cfg.weight_decay},
-        {"params": decoder, "lr": cfg.scaled_lr(cfg.decoder_lr), "weight_decay": 0.0},
-    ]
-    if next(model.parameters()).is_cuda:
-        return torch.optim.Adam(groups, fused=True)  # one kernel for all parameters
-    return torch.optim.Adam(groups)
-
-
-def set_learning_rate(optimizer, cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """The schedule is a pure function of (config, step), applied before every step, so flags
-    given on a resume (--lr, --schedule, --epochs, ...) take effect from the resumed step.
-    Returns the encoder's rate."""
-    factor = cfg.lr_factor(step, total_steps)
-    encoder, decoder = optimizer.param_groups
-    encoder["lr"] = cfg.scaled_lr() * factor
-    decoder["lr"] = cfg.scaled_lr(cfg.decoder_lr) * factor
-    return encoder["lr"]
-
-
 def all_finite(loss: torch.Tensor, model, mixed_precision: str) -> torch.Tensor:
     """A device-side flag: loss and (except under fp16, whose GradScaler skips overflowing steps
     itself) every gradient finite. No host sync."""
@@ -159,9 +140,9 @@ class Run(RunEnd):
     """One training run: its state, built in named steps (runtime, data and task, model and
     optimiser, resume, records and banner); `train()` is the step loop, `finish()` the end."""
 
-    def __init__(self, cfg: TrainConfig, data: Dataset | None):
+    def __init__(self, cfg: TrainConfig, data: Dataset | None, held: list):
         cfg.validate()
-        self.cfg = cfg
+        self.cfg, self.held = cfg, held  # held: the output directory's lock (run_lock)
         self.set_up_runtime()
         self.set_up_data(data)
         self.set_up_model()
@@ -180,7 +161,7 @@ class Run(RunEnd):
         self.resolved = {"mixed_precision": precision, "precision_reason": why,
                          "compile": compiled, "compile_reason": compile_why,
                          "world_size": self.world}  # fmt: skip
-        self.out = make_output_dir(self.cfg.output_dir, acc)
+        self.out = make_output_dir(self.cfg, acc, self.held)
         set_seed(self.cfg.seed)
 
     def set_up_data(self, data: Dataset | None) -> None:
@@ -244,10 +225,15 @@ class Run(RunEnd):
         )
 
     def resume(self) -> None:
+        """--resume: a checkpoint of this directory's run only (run_lock.directory_run)."""
         initial = GoodState()  # a failed half-load must not leak into a fresh start
         initial.take(0, **self.stateful)
+        signal_for_tests("setup", signal.SIGINT)  # the tests' Ctrl-C while the run is set up
+        owner = run_lock.directory_run(self.out)
         self.resumed = resume(self.acc, self.cfg.resume, self.out, self.identity,
-                              lambda: initial.restore(**self.stateful))  # fmt: skip
+                              lambda: initial.restore(**self.stateful), run_id=owner)  # fmt: skip
+        if self.resumed is None and self.cfg.resume == "auto" and owner:
+            self.state.run_id = owner  # no usable checkpoint: the run starts over, as itself
 
     def start_records(self) -> None:
         """config.json, metrics.jsonl (rewritten from the checkpoint's records, so a resumed run
@@ -256,16 +242,16 @@ class Run(RunEnd):
 
         cfg, out, acc = self.cfg, self.out, self.acc
         resolved = {k: self.resolved[k] for k in RESOLVED_KEYS}
-        self.config_record = {**cfg.to_dict(), "model": self.task.model_config.to_dict(),
-                              "resolved": resolved}  # fmt: skip
+        self.config_record = {**cfg.to_dict(), "run_id": self.state.run_id,
+                              "model": self.task.model_config.to_dict(), "resolved": resolved}  # fmt: skip
         self.use_wandb = bool(acc.log_with) and tracking.init_tracking(
             acc, self.config_record, cfg.wandb_project, str(out),
             f"{cfg.task}-{cfg.model}-{out.name}",
         )  # fmt: skip
         if acc.is_main_process:
-            (out / "config.json").write_text(json.dumps(self.config_record, indent=2) + "\n")
+            write_text(out / "config.json", json.dumps(self.config_record, indent=2) + "\n")
             records = "".join(json.dumps(r) + "\n" for r in self.state.records)
-            (out / "metrics.jsonl").write_text(records)
+            write_text(out / "metrics.jsonl", records)
         acc.print(banner(self))
         self.meta = {"run_id": self.state.run_id, "preset": cfg.preset, "seed": cfg.seed,
                      "commit": git_commit(), "dataset": self.data.name, "task": cfg.task}  # fmt: skip
@@ -382,17 +368,20 @@ class Run(RunEnd):
             log_reconstructions(self.acc, self.eval_model,
                                 val_x if len(val_x) else self.task.test[0], self.state.step)  # fmt: skip
 
-    def validate(self, train_stats: dict, images_per_second=None, desc=None) -> dict:
+    def validate(self, train_stats: dict, images_per_second=None, desc=None, stop=None) -> dict:
         """Validate, export if best, append the epoch record (metrics.jsonl) and log it. With
         --test-every-epoch the test set too, for the learning curve only: the export is still
-        chosen on validation."""
+        chosen on validation. `stop`: as evaluate's (EvaluationStopped before anything is
+        written)."""
         acc, cfg, state = self.acc, self.cfg, self.state
         t = time.time()
         val = test_acc = None
         if len(self.task.val[0]):
-            val, _ = evaluate(self.eval_model, *self.task.val, acc, cfg.eval_batch_size, desc=desc)
+            val, _ = evaluate(self.eval_model, *self.task.val, acc, cfg.eval_batch_size,
+                              desc=desc, stop=stop)  # fmt: skip
         if cfg.test_every_epoch:
-            test_acc, _ = evaluate(self.eval_model, *self.task.test, acc, cfg.eval_batch_size)
+            test_acc, _ = evaluate(self.eval_model, *self.task.test, acc, cfg.eval_batch_size,
+                                   stop=stop)  # fmt: skip
         export_if_best(self.eval_model, val, state, self.out, acc, self.meta)
         epochs = [r for r in state.records if r["kind"] == "epoch"]
         now = time.time()
@@ -411,7 +400,7 @@ class Run(RunEnd):
 
     def save(self) -> Path:
         return save_checkpoint(self.acc, self.out, self.state.step, self.identity,
-                               self.cfg.keep_checkpoints)  # fmt: skip
+                               self.cfg.keep_checkpoints, run_id=self.state.run_id)  # fmt: skip
 
     def stop_nonfinite(self):
         """Save the last good state (restored from memory), then stop with the step range."""
@@ -435,9 +424,11 @@ RESOLVED_KEYS = ("mixed_precision", "precision_reason", "compile", "compile_reas
                  "parameters", "dataset", "class_names", "val_size", "flip", "data_placement")  # fmt: skip
 
 
-def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
+def run_training(cfg: TrainConfig, data: Dataset | None, held: list | None = None) -> dict:
+    """`train` without its error boundary (benchmarks call it); `held` receives the output
+    directory's lock (released with the list's last reference when not given)."""
     try:
-        return Run(cfg, data).train()
+        return Run(cfg, data, [] if held is None else held).train()
     except Stopped as e:  # a stop request: the checkpoint is saved, the run can resume
         return {"stopped": True, "step": e.step, "checkpoint": str(e.checkpoint)}
 
@@ -447,15 +438,28 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     {"stopped": True, ...} when a signal stopped the run after saving a checkpoint.
 
     Expected faults end in a one-line UserError that says what is kept and how to go on: a
-    failed write (a full disk) anywhere, a second Ctrl-C (stop at once)."""
+    failed write (a full disk) anywhere, a second Ctrl-C (stop at once), a Ctrl-C while the run
+    is set up, memory running out. The output directory is this run's (locked) until it
+    returns."""
+    held: list = []  # the output directory's lock (capsfast.run_lock.RunLock)
+    out = Path(cfg.output_dir)
     try:
-        return run_training(cfg, data)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep what is on disk
-        raise Interrupted(interrupted_message(Path(cfg.output_dir))) from None
+        return run_training(cfg, data, held)
+    except KeyboardInterrupt as e:  # stop at once, keep what is on disk
+        message = (
+            interrupted_message if isinstance(e, SecondInterrupt) else setup_interrupted_message
+        )
+        raise Interrupted(message(out)) from None
     except OSError as e:  # a write that failed outside the checkpoint and export writers
-        raise TrainingError(
-            f"{describe_os_error(e)}; {checkpoint_note(Path(cfg.output_dir))}"
-        ) from None
+        raise TrainingError(f"{describe_os_error(e)}; {checkpoint_note(out)}") from None
+    except (MemoryError, RuntimeError) as e:
+        message = out_of_memory(e, cfg)
+        if message is None:
+            raise  # not memory: a bug
+        raise TrainingError(f"{message}; {checkpoint_note(out)}") from None
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 The launch scripts put the repository root on sys.path, so `python launch/train.py` works
 without `pip install` when the dependencies are installed; when torch itself is missing, they stop
-at once with one line that says how to install, instead of an ImportError traceback.
+at once with one line that says how to install, instead of an ImportError traceback; a Ctrl-C
+during those imports ends them with one line too (exit code 130, as the entry points' own).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ def run(name: str) -> None:
     """Exit with the status of capsfast's entry point `name` (capsfast.cli.ENTRY_POINTS)."""
     sys.path.insert(0, str(ROOT))
     try:
-        from capsfast import cli
+        from capsfast import cli  # imports torch: a second or two
+    except KeyboardInterrupt:  # Ctrl-C before anything ran: nothing to keep, no traceback
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except ModuleNotFoundError as e:
         if e.name is None or e.name.split(".")[0] == "capsfast":
             raise  # capsfast itself is broken: a bug, keep the traceback

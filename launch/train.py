@@ -1,4 +1,4 @@
-"""Train CapsNet on MNIST: `accelerate launch launch/train.py [flags]` (see --help)."""
+"""Train CapsNet on MNIST: `accelerate launch -q launch/train.py [flags]` (see --help)."""
 
 from _checkout import run
 

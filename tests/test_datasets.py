@@ -231,6 +231,39 @@ def test_folder_unreadable_images_are_skipped_and_counted(tmp_path):
         load_dataset(f"folder:{root}", image_size=SIZE, warn=warnings.append)
 
 
+def test_folder_links_are_never_followed_into_loops_or_out_of_the_tree(tmp_path):
+    """The issue's folder: 10 images, `red/loop -> ..` and `blue/self -> .` (followed, they
+    made 4,510 images, most of one class labelled as the other). Each file is read once, under
+    its real path; a loop or a link out of the class folders is skipped and counted in a
+    warning. In a train/test layout, a test image linked to a training image is no test image."""
+    root = write_folder(tmp_path / "x", {"red": 5, "green": 5})
+    (root / "red" / "loop").symlink_to("..")
+    (root / "green" / "self").symlink_to(".")
+    outside = write_folder(tmp_path / "elsewhere", {"z": 1})
+    (root / "red" / "far.png").symlink_to(outside / "z" / "0.png")  # out of the tree
+    (root / "green" / "twice.png").symlink_to(root / "green" / "0.png")  # a second name
+    warnings = []
+    data = load_dataset(f"folder:{root}", image_size=SIZE, warn=warnings.append)
+    labels = torch.cat([data.train_labels, data.test_labels])
+    assert data.class_names == ("green", "red") and torch.bincount(labels).tolist() == [5, 5]
+    # Labelled as the files' real folders say: the green images green, the red ones red.
+    rgb = torch.cat([data.train_images, data.test_images]).float().mean((2, 3))
+    assert (rgb[labels == 0, 1] > rgb[labels == 0, 0]).all()
+    assert (rgb[labels == 1, 0] > rgb[labels == 1, 1]).all()
+    assert len(warnings) == 1 and "skipped 4 symbolic links" in warnings[0], warnings
+    assert "loop -> .. (a loop)" in warnings[0] and "self -> . (a loop)" in warnings[0]
+    assert "far.png" in warnings[0] and "out of the class folders" in warnings[0]
+
+    write_folder(tmp_path / "d" / "train", {"a": 3, "b": 3})
+    write_folder(tmp_path / "d" / "test", {"a": 1, "b": 1})
+    leak = tmp_path / "d" / "test" / "a" / "leak.png"
+    leak.symlink_to(tmp_path / "d" / "train" / "a" / "0.png")
+    warnings = []
+    data = load_dataset(f"folder:{tmp_path / 'd'}", image_size=SIZE, warn=warnings.append)
+    assert len(data.test_labels) == 2 and len(data.train_labels) == 6
+    assert len(warnings) == 1 and "leak.png" in warnings[0], warnings
+
+
 def test_folder_with_train_but_no_test(tmp_path):
     write_folder(tmp_path / "d" / "train", {"a": 2, "b": 2})
     with pytest.raises(DataError, match="has train/ but no test/"):

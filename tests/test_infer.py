@@ -412,3 +412,43 @@ def test_reconstructions_default_under_the_model(model_copy, tmp_path, digits, m
             main([*args, f"--save-reconstructions={target}"])
     assert len(list((tmp_path / "in").iterdir())) == 3  # nothing written into the inputs
     capsys.readouterr()
+
+
+def _huge_png(path: Path, side: int) -> Path:
+    """A valid 1-bit PNG of side x side pixels, all black, in a few kilobytes (a decompression
+    bomb: its pixels would take gigabytes once decoded and converted)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    raw = zlib.compressobj(9)
+    packed = b"".join(raw.compress(row) for _ in range(side)) + raw.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", packed)
+    path.write_bytes(png + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path, digits, capsys, recwarn):
+    # 13000 x 13000 (169 MP: PIL would only warn, then decode it, 3.5 GB for predict) and
+    # 20000 x 20000 (400 MP: PIL's own error): both one line, nothing decoded; the ordinary
+    # picture beside them is still predicted.
+    images, _ = digits
+    (good,) = _write(tmp_path / "in", images[:1], "plain.png")
+    big = _huge_png(tmp_path / "in" / "big.png", 13000)
+    huge = _huge_png(tmp_path / "in" / "huge.png", 20000)
+    assert big.stat().st_size < 100_000
+    assert main(["--model", "mnist", "--device", "cpu", str(good), str(big), str(huge)]) == 1
+    out, err = capsys.readouterr()
+    assert str(good) in out
+    errors = [line for line in err.splitlines() if line.startswith("predict: error:")]
+    assert len(errors) == 2, err
+    assert f"{big}: too large to decode safely: 13000x13000 pixels, 169.0 megapixels" in err
+    assert f"{huge}: too large to decode safely: 400.0 megapixels" in err
+    assert "over the limit of 89.5 megapixels" in errors[0] and "downscale it" in errors[0]
+    assert "DecompressionBomb" not in err
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
