@@ -147,6 +147,11 @@ class TrainConfig:
     cpu_threads: int | None = _f(
         None, "torch threads per process on CPU (default: cores / local processes)"
     )
+    peer_timeout: float = _f(
+        600.0,
+        "several processes: seconds a process waits for the others at start-up and at each "
+        "collective before it stops with one line (a peer that hangs, or a node that vanished)",
+    )
     seed: int = _f(0, "random seed (weights, data order, augmentation)")
     output_dir: str = _f("runs/capsnet", "where checkpoints, metrics, figures and model/ go")
     checkpoint_every: int = _f(1000, "steps between checkpoints (0: only at the end)")
@@ -236,6 +241,7 @@ class TrainConfig:
                 self.cpu_threads is None or self.cpu_threads >= 1,
                 f"--cpu-threads must be >= 1, got {self.cpu_threads}",
             ),
+            (self.peer_timeout > 0, f"--peer-timeout must be positive, got {self.peer_timeout}"),
             (self.recon_weight >= 0, f"--recon-weight must be >= 0, got {self.recon_weight}"),
             (
                 self.max_seconds is None or self.max_seconds > 0,

@@ -7,9 +7,11 @@ One optimiser step:
 
 The host meets the device only at sync points: every `log_every` steps (losses, learning rate,
 progress, the non-finite check, stop requests), at epoch ends (validation, export) and at
-checkpoints. Run set-up (device, precision, compile, routing, world size) is runtime.py; what a
-checkpoint holds and how a stop is requested, checkpoint.py; the losses, model.py; what
---task and --model change (data, loss, model, test sets), tasks.py.
+checkpoints; with several processes also at a stop poll every 2 s or so (so that a stop
+request reaches every rank in bounded time, whatever --log-every is: distributed.py). Run
+set-up (device, precision, compile, routing, world size) is runtime.py; what a checkpoint holds
+and how a stop is requested, checkpoint.py; the losses, model.py; what --task and --model
+change (data, loss, model, test sets), tasks.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from capsfast import memory, runtime, tasks
+from capsfast import distributed, memory, runtime, tasks
 from capsfast.checkpoint import (
     GoodState,
     StopRequest,
@@ -420,6 +422,13 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
         raise TrainingError(
             f"{describe_os_error(e)}; {checkpoint_note(Path(cfg.output_dir))}"
         ) from None
+    except RuntimeError as e:  # several processes: a collective failed because a peer did
+        detail = distributed.peer_failure(e)
+        if detail is None:
+            raise  # a bug: keep the traceback
+        newest = list_checkpoints(cfg.output_dir)[:1]
+        raise distributed.PeerFailed(distributed.peer_failed_message(
+            detail, newest[0] if newest else None, resume_hint(), cfg.peer_timeout)) from None  # fmt: skip
 
 
 def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
@@ -567,6 +576,7 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
     good = GoodState()  # the state at the last sync where everything was finite
     good.take(state.step, **stateful)
     clock = Clock(state.step, warmup=3 if total_steps - state.step >= 10 else 0)
+    stop_poll = distributed.StopPoll(acc, state.step)  # bounds a stop's delay, any --log-every
     early_stop: dict = {}  # set at a sync point: why the run ends before total_steps
     loop_start = time.perf_counter()
     bar = None
@@ -595,8 +605,10 @@ def run_training(cfg: TrainConfig, data: Dataset | None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 state.step = step + 1
                 bar.update(cfg.batch_size)  # no host sync: the bar only counts images
-                if sync_due(state.step, cfg, steps_per_epoch, total_steps, stop.signal, world):
-                    stopped_at = sync_point(state.step, bar, lr, stop.signal is not None)
+                due = sync_due(state.step, cfg, steps_per_epoch, total_steps, stop.signal, world)
+                polled = not due and stop_poll.stop_agreed(state.step, stop.signal is not None)
+                if due or polled:  # polled: some rank has a stop request, every rank stops here
+                    stopped_at = sync_point(state.step, bar, lr, stop.signal is not None or polled)
                     if stopped_at is not None:
                         bar.close()
                         acc.print(f"capsfast: stopped on request at step {state.step}; "
@@ -700,7 +712,7 @@ def finish_run(*, acc, cfg, eval_model, val_x, val_y, state, out, meta, optimize
     from capsfast import tracking
 
     def phase(name: str) -> None:
-        if stop.signal is not None:
+        if any_rank(acc, torch.tensor(stop.signal is not None, device=acc.device)):  # all agree
             checkpoint = list_checkpoints(out)[0]
             acc.print(f"capsfast: stopped on request at the end of the run, before its {name} "
                       f"phase; the final checkpoint is {checkpoint}\n"
@@ -803,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     from capsfast.config import parse_args
 
     runtime.take_terminal_from_launcher()
+    distributed.watch_launcher()  # a launcher killed outright leaves no orphans training on
     summary = train(parse_args(argv))
     if summary.get("stopped") and not runtime.under_single_process_launcher():
         return EXIT_STOPPED
