@@ -122,7 +122,7 @@ MinJobAge=300
         while True:
             info = subprocess.run(["scontrol", "show", "nodes"], env=env, capture_output=True,
                                   text=True)  # fmt: skip
-            if len(re.findall(r"State=IDLE", info.stdout)) == len(NODES):
+            if len(re.findall(r"State=IDLE\s", info.stdout)) == len(NODES):
                 break
             if time.time() > deadline:
                 logs = "\n".join(f.read_text()[-2000:] for f in d.glob("*.log"))
@@ -137,6 +137,11 @@ MinJobAge=300
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def nodes_idle(env) -> bool:
+    info = subprocess.run(["scontrol", "show", "nodes"], env=env, capture_output=True, text=True)
+    return len(re.findall(r"State=IDLE\s", info.stdout)) == len(NODES)
 
 
 def job_state(env, job: str) -> tuple[str, int]:
@@ -181,8 +186,10 @@ def test_slurm_job_on_two_nodes_is_preempted_requeues_and_resumes(slurm, tmp_pat
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=env, check=True)
     wait(lambda: "requeueing job" in log_text(), "no requeue after SIGTERM")
     stop_seconds = time.time() - t
-    # Slurm holds a requeued job for about two minutes before it may start again; start it now.
+    # Slurm holds a requeued job for about two minutes before it may start again; start it as
+    # soon as the first run has left both nodes (earlier, its credential is still revoked).
     wait(lambda: job_state(env, job)[0] == "PENDING", "not pending after the requeue", 60)
+    wait(lambda: nodes_idle(env), "the first run did not leave the nodes", 120)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     wait(lambda: (out / "summary.json").exists() and job_state(env, job)[0] == "COMPLETED",
          "the requeued job did not finish")  # fmt: skip
