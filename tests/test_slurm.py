@@ -130,6 +130,12 @@ MinJobAge=300
             time.sleep(0.2)
         yield env
     finally:
+        # A job still running (a failed test) goes first: its processes must not outlive slurmd.
+        subprocess.run(["scancel", "--full", "--signal=KILL", "--user=root"], env=env,
+                       capture_output=True)  # fmt: skip
+        deadline = time.time() + 20
+        while time.time() < deadline and not nodes_idle(env):
+            time.sleep(0.2)
         for p in reversed(started):
             p.send_signal(signal.SIGTERM)
         for p in reversed(started):
