@@ -310,7 +310,8 @@ class SecondInterrupt(KeyboardInterrupt):
 
 class StopRequest:
     """SIGTERM and SIGINT (pre-emption, Ctrl-C) set a flag; the run saves at the next step
-    boundary (or, at its end, keeps the final checkpoint) and exits. A second Ctrl-C stops at
+    boundary (several processes: at the step where they agree on it, within about 2 s:
+    capsfast.distributed.StopPoll), or at its end keeps the final checkpoint, and exits. A second Ctrl-C stops at
     once: KeyboardInterrupt, never inside a rename, so the last complete checkpoint stays."""
 
     def __init__(self, announce: bool = True):

@@ -49,6 +49,7 @@ RANGES = [
     ("cpu_threads", (1, True), None),
     ("recon_weight", (0, True), None),
     ("max_seconds", (0, False), None),
+    ("peer_timeout", (0, False), None),
     ("stop_at_accuracy", (0, False), (1, True)),
     ("seed", (0, True), (2**32, False)),
 ]
@@ -198,6 +199,11 @@ class TrainConfig:
     compile_mode: str | None = _f(None, "torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     cpu_threads: int | None = _f(
         None, "torch threads per process on CPU (default: cores / local processes)"
+    )
+    peer_timeout: float = _f(
+        600.0,
+        "several processes: seconds a process waits for the others at start-up and at each "
+        "collective before it stops with one line (a peer that hangs, or a node that vanished)",
     )
     seed: int = _f(0, "random seed (weights, data order, augmentation)")
     output_dir: str = _f("runs/capsnet", "where checkpoints, metrics, figures and model/ go")

@@ -73,8 +73,15 @@ class RunEnd:
         self.acc.end_training()
         return Stopped(self.state.step, checkpoint)
 
+    def any_rank_stopped(self) -> bool:
+        """Whether any rank has a stop request: all ranks agree before each phase."""
+        flag = torch.tensor(float(self.stop.signal is not None), device=self.device)
+        if self.world > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        return flag.item() > 0
+
     def phase(self, name: str, honour_stop: bool = True) -> None:
-        if honour_stop and self.stop.signal is not None:
+        if honour_stop and self.any_rank_stopped():
             raise self.stopped(f"before its {name} phase")
         self.acc.print(f"capsfast: end of run: {name}")
         self.stop.phase(name)

@@ -72,6 +72,9 @@ def export_if_best(model, val, state: TrainState, out: Path, accelerator, meta: 
         previous = {}  # a damaged export is replaced
     if previous.get("run_id") == state.run_id and previous.get("val_accuracy") is not None:
         state.best_val_accuracy = max(state.best_val_accuracy, previous["val_accuracy"])
+    # Every rank has read the export before the main process replaces it: a rank that read the
+    # new one would skip the barrier below while the others wait in it (a hang).
+    accelerator.wait_for_everyone()
     if val is not None and val <= state.best_val_accuracy:
         return False
     state.best_val_accuracy = -1.0 if val is None else val

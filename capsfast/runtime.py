@@ -12,6 +12,7 @@ import atexit
 import os
 import shutil
 import signal
+from datetime import timedelta
 
 import torch
 
@@ -113,7 +114,7 @@ def make_accelerator(cfg: TrainConfig):
     fp32 while the run said fp16."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import TorchDynamoPlugin
+    from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
     from capsfast import tracking
 
@@ -129,6 +130,11 @@ def make_accelerator(cfg: TrainConfig):
     # train() in one process (a notebook, a test) would fail on a new precision and silently keep
     # the old compile setting. Forget it; keep PartialState (the device and the process group).
     AcceleratorState._reset_state(reset_partial_state=False)
+    timeout = timedelta(seconds=cfg.peer_timeout)
+    if "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ:
+        from capsfast.distributed import init_restarted_group
+
+        init_restarted_group(timeout, "nccl" if on_cuda else "gloo")  # after an elastic restart
     accelerator = Accelerator(
         cpu=not on_cuda,
         mixed_precision=mixed_precision,
@@ -137,6 +143,9 @@ def make_accelerator(cfg: TrainConfig):
         dynamo_plugin=TorchDynamoPlugin(
             backend="inductor" if compile_ else "no", mode=cfg.compile_mode
         ),
+        # Several processes: a peer that hangs (or a node that vanished) stops the others after
+        # --peer-timeout with one line (capsfast.distributed), not torch's 30 minutes.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
     check_world_size(accelerator.num_processes)
     if accelerator.device.type == "cpu":

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from capsfast import run_lock, runtime, tasks
+from capsfast import distributed, run_lock, runtime, tasks
 from capsfast.checkpoint import (
     GoodState,
     SecondInterrupt,
     StopRequest,
     TrainState,
+    list_checkpoints,
     resume,
     save_checkpoint,
     signal_for_tests,
@@ -269,6 +270,7 @@ class Run(RunEnd):
         self.clock = Clock(state.step, warmup=3 if self.total_steps - state.step >= 10 else 0)
         self.early_stop: str | None = None  # why the run ends before total_steps
         self.loop_start, self.bar = time.perf_counter(), None
+        stop_poll = distributed.StopPoll(acc, state.step)  # bounds a stop's delay, any log_every
         try:
             with StopRequest(announce=acc.is_main_process) as self.stop:
                 for step in range(state.step, self.total_steps):
@@ -281,8 +283,12 @@ class Run(RunEnd):
                     self.step(*task.batches.batch(epoch, k, order))
                     state.step = step + 1
                     self.bar.update(cfg.batch_size)  # no host sync: the bar only counts images
-                    if self.sync_due():
-                        self.sync(lr)
+                    due = self.sync_due()  # several processes: also a stop poll every ~2 s
+                    polled = not due and stop_poll.stop_agreed(
+                        state.step, self.stop.signal is not None
+                    )
+                    if due or polled:  # polled: some rank has a stop request, all stop here
+                        self.sync(lr, stop_requested=polled)
                     if self.early_stop:  # --max-seconds or --stop-at-accuracy: the end
                         say(acc, f"capsfast: {self.early_stop} at step {state.step}")
                         break
@@ -320,11 +326,11 @@ class Run(RunEnd):
                     or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                     or (self.stop.signal is not None and self.world == 1))  # fmt: skip
 
-    def sync(self, lr: float) -> None:
+    def sync(self, lr: float, stop_requested: bool = False) -> None:
         """The host looks: logs the window, validates at an epoch end, saves when due; raises
         Stopped when a stop was requested (the checkpoint saved first)."""
         acc, cfg, state, step = self.acc, self.cfg, self.state, self.state.step
-        seen = self.window.read(acc, self.stop.signal is not None)
+        seen = self.window.read(acc, stop_requested or self.stop.signal is not None)
         if seen.nonfinite:
             self.stop_nonfinite()
         per_step, first_steady = self.clock.tick(step)
@@ -454,9 +460,14 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict:
         raise TrainingError(f"{describe_os_error(e)}; {checkpoint_note(out)}") from None
     except (MemoryError, RuntimeError) as e:
         message = out_of_memory(e, cfg)
-        if message is None:
-            raise  # not memory: a bug
-        raise TrainingError(f"{message}; {checkpoint_note(out)}") from None
+        if message is not None:
+            raise TrainingError(f"{message}; {checkpoint_note(out)}") from None
+        detail = distributed.peer_failure(e)  # several processes: a collective failed, a peer did
+        if detail is None:
+            raise  # a bug: keep the traceback
+        newest = list_checkpoints(out)[:1]
+        raise distributed.PeerFailed(distributed.peer_failed_message(
+            detail, newest[0] if newest else None, resume_hint(), cfg.peer_timeout)) from None  # fmt: skip
     finally:
         for lock in held:
             lock.release()
@@ -470,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     from capsfast.config import parse_args
 
     runtime.take_terminal_from_launcher()
+    distributed.watch_launcher()  # a launcher killed outright leaves no orphans training on
+    distributed.watch_launcher()  # a launcher killed outright leaves no orphans training on
     summary = train(parse_args(argv))
     if summary.get("stopped") and not runtime.under_single_process_launcher():
         return EXIT_STOPPED
