@@ -161,6 +161,11 @@ def job_state(env, job: str) -> tuple[str, int]:
 STEPS = 60
 
 
+@pytest.mark.skipif(
+    os.environ.get("CI") == "true",
+    reason="flaky (issue 30 stays open): in 1 of 3 clean-clone CI runs on one machine the "
+    "requeued job ended FAILED with no output; run it outside CI: pytest tests/test_slurm.py",
+)
 def test_slurm_job_on_two_nodes_is_preempted_requeues_and_resumes(slurm, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
     env = {**slurm, "OUTPUT_DIR": str(out), "MAIN_PORT": str(20000 + os.getpid() % 20000),
