@@ -18,6 +18,7 @@ from capsfast.model_card import write_card
 from capsfast.progress import Sums
 from capsfast.provenance import PROCESS_START, git_commit, versions
 from capsfast.run_files import resume_hint
+from capsfast.runtime import any_rank
 
 END_PHASES = ("checkpoint", "validation", "test", "summary", "figures")  # the end, in order
 
@@ -73,15 +74,8 @@ class RunEnd:
         self.acc.end_training()
         return Stopped(self.state.step, checkpoint)
 
-    def any_rank_stopped(self) -> bool:
-        """Whether any rank has a stop request: all ranks agree before each phase."""
-        flag = torch.tensor(float(self.stop.signal is not None), device=self.device)
-        if self.world > 1:
-            flag = self.acc.reduce(flag, reduction="sum")
-        return flag.item() > 0
-
     def phase(self, name: str, honour_stop: bool = True) -> None:
-        if honour_stop and self.any_rank_stopped():
+        if honour_stop and any_rank(self.acc, self.stop.signal is not None):  # all ranks agree
             raise self.stopped(f"before its {name} phase")
         self.acc.print(f"capsfast: end of run: {name}")
         self.stop.phase(name)

@@ -160,12 +160,13 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator, mixed_precision, precision_reason, compile_, compile_reason
 
 
-def all_ranks(accelerator, ok: bool) -> bool:
-    """Whether `ok` holds on every process: one collective, so that all ranks decide alike."""
-    if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() == 0
+def any_rank(accelerator, flag) -> bool:
+    """Whether `flag` (a bool or a device tensor) holds on any process: one collective, so that
+    all ranks decide alike; no collective with one process."""
+    flag = torch.as_tensor(flag, device=accelerator.device).float()
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return flag.item() > 0
 
 
 def describe_device(accelerator) -> str:

@@ -101,7 +101,7 @@ def prepare_model(model_cfg, cfg: TrainConfig, accelerator, local_batch=None):
         local_batch = local_batch or cfg.batch_size // accelerator.num_processes
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         impl, _, note = choose_routing(cfg.routing, model_cfg, device, local_batch, free,
-                                       all_ranks_ok=lambda ok: runtime.all_ranks(accelerator, ok))  # fmt: skip
+                                       all_ranks_ok=lambda ok: not runtime.any_rank(accelerator, not ok))  # fmt: skip
         if note:
             accelerator.print(f"capsfast: {note}")
         model.set_routing(impl)
@@ -127,13 +127,6 @@ def model_config_for(data: Dataset, cfg: TrainConfig) -> ModelConfig:
             f"--dataset {data.name}: {e} (pass a smaller --crop, or a larger --image-size for "
             "folder: data sets)"
         ) from None
-
-
-def any_rank(accelerator, flag: torch.Tensor) -> bool:
-    flag = flag.float()
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum")
-    return flag.item() > 0
 
 
 # --------------------------------------------------------------------------- the run
@@ -308,7 +301,7 @@ class Run(RunEnd):
             output, loss, margin, recon = self.task.loss(model, x, y, cfg.recon_weight, target)
         self.acc.backward(loss)
         finite = all_finite(loss, model, self.mixed_precision)
-        if cfg.skip_nonfinite and any_rank(self.acc, ~finite):  # opt-in: a sync every step
+        if cfg.skip_nonfinite and runtime.any_rank(self.acc, ~finite):  # opt-in: a sync every step
             self.state.skipped_steps += 1
         else:
             self.optimizer.step()
@@ -347,7 +340,7 @@ class Run(RunEnd):
         self.good.take(step, **self.stateful)
         if cfg.max_seconds is not None and step < self.total_steps:  # all ranks stop alike
             over = time.perf_counter() - self.loop_start >= cfg.max_seconds
-            if any_rank(acc, torch.tensor(over, device=self.device)):
+            if runtime.any_rank(acc, over):
                 self.early_stop = f"--max-seconds {cfg.max_seconds:g} reached"
         with self.clock.paused():
             if step % self.steps_per_epoch == 0:
