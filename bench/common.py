@@ -73,8 +73,9 @@ def tiny(benchmark) -> bool:
 def skip_unless_meaningful(
     benchmark, *, dtype: str = "fp32", triton: bool = False, compiled: bool = False
 ) -> None:
-    """On CPU, time fp32 (eager and compiled), eager bf16 where the CPU has bf16 instructions
-    (the trainer's default there), and no Triton; at tiny sizes everything runs."""
+    """On CPU, time fp32 (eager and compiled), eager bf16 where the CPU has bf16 instructions,
+    and no Triton; at tiny sizes everything runs. The trainer's CPU default, compiled bf16, is
+    timed on the whole step by bench/peer_ratio.py, not row by row here."""
     if ON_CUDA or tiny(benchmark):
         return
     from capsfast.runtime import cpu_has_native_bf16
@@ -88,8 +89,8 @@ def skip_unless_meaningful(
         )
     if dtype == "bf16" and compiled:
         pytest.skip(
-            "compiled bf16 on a CPU: not the trainer's CPU setting (compile is off there) and "
-            "30-45 s of compilation a row; the tiny run checks this path"
+            "compiled bf16 on a CPU: 30-45 s of compilation a row; bench/peer_ratio.py times "
+            "this default CPU step whole, and the tiny run checks this path"
         )
     if triton:
         pytest.skip("Triton runs on CPU only under its interpreter: its time measures Python")

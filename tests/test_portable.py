@@ -1,7 +1,7 @@
 """capsfast.portable and `capsfast-export`: a trained model's inference graph as ONNX and as a
 torch.export .pt2 file, each run as a user runs it (onnxruntime; torch.export.load) against the
 eager model on MNIST test digits at two batch sizes, beyond the batches the export checks itself;
-README's Deploy lines on a picture file; the baseline CNN; and the errors, one line each."""
+docs/deploy.md's Deploy lines on a picture file; the baseline CNN; and the errors, one line each."""
 
 from __future__ import annotations
 
@@ -68,13 +68,13 @@ def test_an_exported_trained_model_computes_what_eager_computes(fmt, trained_mod
         assert torch.equal(got[0].argmax(1), eager.lengths.argmax(1))
 
 
-def test_the_readme_deploy_lines_predict_as_predict_does(trained_model_dir, tmp_path):
-    """README's Deploy block, run as written (its paths swapped for this test's), on an
+def test_the_deploy_guide_lines_predict_as_predict_does(trained_model_dir, tmp_path):
+    """docs/deploy.md's Deploy block, run as written (its paths swapped for this test's), on an
     inverted, enlarged picture file: the class is the one `predict` gives the same file."""
     pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
     pytest.importorskip("onnxscript", reason="pip install -e '.[export]'")
-    readme = (REPO / "README.md").read_text()
-    block = re.search(r"## Deploy\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    block = re.search(r"## Deploy\n.*?```python\n(.*?)```", guide, re.S).group(1)
     export_model(load_model(trained_model_dir), "onnx", tmp_path / "capsnet.onnx")
     digit = load_mnist().test_images[7, 0].numpy()
     picture = tmp_path / "seven.png"

@@ -97,7 +97,7 @@ def relative_links(text: str) -> list[str]:
 
 
 def test_the_documents_exist():
-    for name in ("spec.md", "routing.md", "gpu.md", "environment.md", "faults.md"):
+    for name in ("spec.md", "routing.md", "gpu.md", "environment.md", "faults.md", "deploy.md"):
         assert (ROOT / "docs" / name).is_file(), name
 
 
