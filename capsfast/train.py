@@ -285,6 +285,7 @@ class Run(RunEnd):
                     if self.early_stop:  # --max-seconds or --stop-at-accuracy: the end
                         say(acc, f"capsfast: {self.early_stop} at step {state.step}")
                         break
+                self.clock.stop()  # the end of the run is not training time
                 if self.bar is not None:
                     self.bar.close()
                 return self.finish()
