@@ -664,6 +664,12 @@ def test_unreachable_wandb_falls_back_to_offline_quickly(tmp_path):
         "--test-size",
         "16",
         "--no-compile",
+        # the fallback does not depend on the model: a small one, fp32, no figures
+        "--primary-types",
+        "2",
+        "--mixed-precision",
+        "no",
+        "--no-figures",
         "--output-dir",
         str(out),
         "--report-to",
