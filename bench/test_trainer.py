@@ -7,8 +7,9 @@ trainer: this benchmark times the bare step on a fixed batch, then runs `run_tra
 process (same threads, same batch, eager fp32, the torch routing) and reads the trainer's own
 steady-state images/s from summary.json (the figure it prints and logs), then times the bare
 step again. The baseline is the median of the bare rounds on both sides of the trainer run, so a
-machine that speeds up or slows down during the test moves both alike (a shared 2-core machine
-moved the bare step's median between 56 and 78 img/s from one run to the next). extra_info
+machine that speeds up or slows down during the test is seen on both sides of the trainer (the
+bare step's median moved between 70 and 78 img/s from one process to the next in five runs on
+a shared 2-core machine: bench/results/cpu/trainer_2026-12-05_3941b29/). extra_info
 records both sides and `trainer_over_step`; timed, it must be at least MIN_RATIO.
 """
 
@@ -77,6 +78,8 @@ def test_trainer_step_matches_the_benchmark_step(benchmark, mnist, matmul_rate, 
         return
     before = list(benchmark.stats.stats.data)
     torch.set_num_threads(threads)  # the trainer set its own
+    step(x, y)  # a warm-up round: the trainer's run has just used the allocator and caches
+    sync()
     after = []
     for _ in range(ROUNDS_AFTER):
         t = time.perf_counter()

@@ -24,5 +24,7 @@ def test_the_clock_counts_the_steps_between_warm_up_and_the_end_of_the_loop():
     time.sleep(0.3)  # final checkpoint, validation, test, export
     clock.stop()  # a second stop keeps the first end
     rate = clock.images_per_second(5, batch=10)
-    assert 160 < rate <= 201, rate  # sleeps only overshoot: at most 200
+    # Sleeps only overshoot: at most 200. Counting the end of the run would give 80, counting
+    # the paused evaluation 100; a busy machine's overshoot stays well above those.
+    assert 120 < rate <= 201, rate
     assert clock.images_per_second(5, batch=10) == rate  # it stands still after stop
