@@ -71,7 +71,8 @@ class Clock:
     """Throughput at steady state: from the first sync after `warmup` steps (compilation,
     allocator) to the end of the step loop (`stop`), leaving out the time spent evaluating and
     checkpointing in between (`paused`). The end of a run (final checkpoint, validation, test,
-    export) is not training time: counted, it made a short run's figure 7-18% low."""
+    export) is not training time: counted, it made a 13-step run at batch 128 on a CPU report
+    70.8 img/s while its steps ran at 76-78."""
 
     def __init__(self, step: int, warmup: int):
         self.start, self.warmup = step, warmup
